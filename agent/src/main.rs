@@ -1,0 +1,5 @@
+//! The `bitferry` binary; everything lives in the `agent` library.
+
+fn main() -> std::process::ExitCode {
+    agent::cli::main()
+}

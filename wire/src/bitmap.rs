@@ -1,0 +1,337 @@
+//! The dirty bitmap: one bit per block, in memory as `Vec<u64>`, canonically as QEMU's bytes.
+//!
+//! Word `w` holds blocks `64w .. 64w+63`, least significant bit first, so the little-endian bytes
+//! of the words *are* QEMU's layout (byte `k` holds blocks `8k .. 8k+7`, LSB first). Bits past
+//! the last block are always zero. Every change invalidates the affected chunks of the cached
+//! [`HashTree`], so [`Bitmap::root`] rehashes only what changed.
+
+use crate::error::{DecodeError, RangeError};
+use crate::geometry::{CHUNK_BYTES, Geometry};
+use crate::tree::{Cv, HashTree, Root};
+use serde::{Deserialize, Serialize};
+
+const WORDS_PER_CHUNK: usize = CHUNK_BYTES / 8;
+
+/// A run of dirty bytes on the disk: adjacent dirty blocks merged, clipped to the disk size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+}
+
+/// A dirty bitmap over a disk of some [`Geometry`].
+#[derive(Debug, Clone)]
+pub struct Bitmap {
+    geom: Geometry,
+    words: Vec<u64>,
+    tree: HashTree,
+}
+
+impl PartialEq for Bitmap {
+    fn eq(&self, other: &Self) -> bool {
+        self.geom == other.geom && self.words == other.words
+    }
+}
+impl Eq for Bitmap {}
+
+impl Bitmap {
+    /// An all-clean bitmap.
+    pub fn new(geom: Geometry) -> Self {
+        Bitmap {
+            words: vec![0; geom.blocks().div_ceil(64) as usize],
+            tree: HashTree::new(geom.chunks()),
+            geom,
+        }
+    }
+
+    /// The disk geometry this bitmap covers.
+    pub fn geometry(&self) -> Geometry {
+        self.geom
+    }
+
+    /// Set every block that the byte range `offset .. offset+length` touches. A zero-length
+    /// range touches nothing. Returns how many blocks were newly set.
+    pub fn mark(&mut self, offset: u64, length: u64) -> Result<u64, RangeError> {
+        let size = self.geom.size();
+        let end = offset.checked_add(length).filter(|e| *e <= size);
+        let Some(end) = end else {
+            return Err(RangeError {
+                offset,
+                length,
+                size,
+            });
+        };
+        if length == 0 {
+            return Ok(0);
+        }
+        let g = self.geom.granularity();
+        Ok(self.set_blocks(offset / g, (end - 1) / g + 1))
+    }
+
+    /// Set blocks `first .. end` (end exclusive, clamped to the block count). Returns how many
+    /// were newly set.
+    pub fn set_blocks(&mut self, first: u64, end: u64) -> u64 {
+        let end = end.min(self.geom.blocks());
+        if first >= end {
+            return 0;
+        }
+        let (fw, lw) = ((first / 64) as usize, ((end - 1) / 64) as usize);
+        let mut newly = 0u64;
+        for w in fw..=lw {
+            let lo = if w == fw { first % 64 } else { 0 };
+            let hi = if w == lw { (end - 1) % 64 + 1 } else { 64 };
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            let added = mask & !self.words[w];
+            if added != 0 {
+                newly += u64::from(added.count_ones());
+                self.words[w] |= added;
+                self.tree.invalidate(w / WORDS_PER_CHUNK);
+            }
+        }
+        newly
+    }
+
+    /// Whether block `block` is dirty.
+    pub fn is_set(&self, block: u64) -> bool {
+        block < self.geom.blocks() && self.words[(block / 64) as usize] >> (block % 64) & 1 == 1
+    }
+
+    /// Number of dirty blocks.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Whether no block is dirty.
+    pub fn is_clean(&self) -> bool {
+        self.words.iter().all(|w| *w == 0)
+    }
+
+    /// OR `other` into `self`. Both must have the same geometry.
+    pub fn merge(&mut self, other: &Bitmap) -> Result<(), GeometryMismatch> {
+        if self.geom != other.geom {
+            return Err(GeometryMismatch {
+                ours: self.geom,
+                theirs: other.geom,
+            });
+        }
+        for (c, (mine, theirs)) in self
+            .words
+            .chunks_mut(WORDS_PER_CHUNK)
+            .zip(other.words.chunks(WORDS_PER_CHUNK))
+            .enumerate()
+        {
+            let mut changed = false;
+            for (a, b) in mine.iter_mut().zip(theirs) {
+                changed |= *b & !*a != 0;
+                *a |= *b;
+            }
+            if changed {
+                self.tree.invalidate(c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs of dirty blocks as `(first, end)` block indices, end exclusive.
+    pub fn runs(&self) -> Runs<'_> {
+        Runs {
+            words: &self.words,
+            pos: 0,
+            blocks: self.geom.blocks(),
+        }
+    }
+
+    /// Dirty extents in bytes: adjacent dirty blocks merged, the last clipped to the disk size.
+    pub fn extents(&self) -> impl Iterator<Item = Extent> + '_ {
+        let (g, size) = (self.geom.granularity(), self.geom.size());
+        self.runs().map(move |(a, b)| {
+            let offset = a * g;
+            Extent {
+                offset,
+                length: (b * g).min(size) - offset,
+            }
+        })
+    }
+
+    /// The canonical raw bytes (QEMU's layout).
+    pub fn to_raw(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.geom.raw_len());
+        for w in &self.words {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out.truncate(self.geom.raw_len());
+        out
+    }
+
+    /// Parse canonical raw bytes; the length must match and bits past the last block be zero.
+    pub fn from_raw(geom: Geometry, raw: &[u8]) -> Result<Self, DecodeError> {
+        if raw.len() != geom.raw_len() {
+            return Err(DecodeError::RawLength {
+                got: raw.len(),
+                expected: geom.raw_len(),
+            });
+        }
+        let mut b = Bitmap::new(geom);
+        for (w, bytes) in b.words.iter_mut().zip(raw.chunks(8)) {
+            let mut le = [0u8; 8];
+            le[..bytes.len()].copy_from_slice(bytes);
+            *w = u64::from_le_bytes(le);
+        }
+        b.check_tail()?;
+        Ok(b)
+    }
+
+    fn check_tail(&self) -> Result<(), DecodeError> {
+        let used = self.geom.blocks() % 64;
+        if used != 0 && self.words.last().is_some_and(|w| w >> used != 0) {
+            return Err(DecodeError::TailBits);
+        }
+        Ok(())
+    }
+
+    /// Number of chunks of the raw form.
+    pub fn chunks(&self) -> usize {
+        self.tree.len()
+    }
+
+    fn chunk_words(&self, i: usize) -> &[u64] {
+        let start = i * WORDS_PER_CHUNK;
+        &self.words[start..(start + WORDS_PER_CHUNK).min(self.words.len())]
+    }
+
+    /// Replace `buf` with chunk `i`'s raw bytes.
+    pub fn chunk_raw(&self, i: usize, buf: &mut Vec<u8>) {
+        buf.clear();
+        for w in self.chunk_words(i) {
+            buf.extend_from_slice(&w.to_le_bytes());
+        }
+        buf.truncate(self.geom.chunk_range(i).len());
+    }
+
+    /// Whether chunk `i` has no dirty block.
+    pub fn chunk_is_clean(&self, i: usize) -> bool {
+        self.chunk_words(i).iter().all(|w| *w == 0)
+    }
+
+    /// Overwrite (`or == false`) or OR-merge (`or == true`) chunk `i` from raw bytes, which must be
+    /// exactly the chunk's length and keep tail bits zero. On error nothing is changed.
+    pub fn apply_chunk_raw(&mut self, i: usize, raw: &[u8], or: bool) -> Result<(), DecodeError> {
+        let range = self.geom.chunk_range(i);
+        if raw.len() != range.len() || i >= self.chunks() {
+            return Err(DecodeError::RawLength {
+                got: raw.len(),
+                expected: range.len(),
+            });
+        }
+        let start = i * WORDS_PER_CHUNK;
+        let mut new_words = Vec::with_capacity(raw.len().div_ceil(8));
+        for (k, bytes) in raw.chunks(8).enumerate() {
+            let mut le = [0u8; 8];
+            le[..bytes.len()].copy_from_slice(bytes);
+            let w = u64::from_le_bytes(le);
+            new_words.push(if or { w | self.words[start + k] } else { w });
+        }
+        let last = start + new_words.len() - 1;
+        let used = self.geom.blocks() % 64;
+        if last == self.words.len() - 1
+            && used != 0
+            && new_words.last().is_some_and(|w| w >> used != 0)
+        {
+            return Err(DecodeError::TailBits);
+        }
+        if self.words[start..=last] != new_words[..] {
+            self.words[start..=last].copy_from_slice(&new_words);
+            self.tree.invalidate(i);
+        }
+        Ok(())
+    }
+
+    /// The root: BLAKE3 of [`Bitmap::to_raw`], rehashing only chunks changed since last time.
+    pub fn root(&mut self) -> Root {
+        let Bitmap { words, tree, geom } = self;
+        tree.refresh(|i, buf| {
+            buf.clear();
+            let start = i * WORDS_PER_CHUNK;
+            for w in &words[start..(start + WORDS_PER_CHUNK).min(words.len())] {
+                buf.extend_from_slice(&w.to_le_bytes());
+            }
+            buf.truncate(geom.chunk_range(i).len());
+        })
+    }
+
+    /// Per-chunk chaining values, current as of this call.
+    pub fn chunk_hashes(&mut self) -> &[Cv] {
+        self.root();
+        self.tree.leaves()
+    }
+
+    /// Install chunk hashes already verified elsewhere (e.g. just checked on load), so the next
+    /// [`Bitmap::root`] does not rehash. The caller vouches that each hash matches its chunk.
+    pub fn adopt_verified_hashes(&mut self, cvs: &[Cv]) {
+        for (i, cv) in cvs.iter().enumerate().take(self.chunks()) {
+            self.tree.set_leaf(i, *cv);
+        }
+    }
+}
+
+/// Two bitmaps of different geometry cannot be merged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("geometry mismatch: {ours:?} vs {theirs:?}")]
+pub struct GeometryMismatch {
+    /// This bitmap's geometry.
+    pub ours: Geometry,
+    /// The other bitmap's geometry.
+    pub theirs: Geometry,
+}
+
+/// Iterator over runs of dirty blocks; see [`Bitmap::runs`].
+pub struct Runs<'a> {
+    words: &'a [u64],
+    pos: u64,
+    blocks: u64,
+}
+
+impl Runs<'_> {
+    /// First block ≥ `from` whose bit equals `want`, or `blocks`.
+    fn find_bit(&self, from: u64, want: bool) -> u64 {
+        let mut w = (from / 64) as usize;
+        if w >= self.words.len() {
+            return self.blocks;
+        }
+        let flip = if want { 0 } else { u64::MAX };
+        let mut cur = (self.words[w] ^ flip) & (u64::MAX << (from % 64));
+        loop {
+            if cur != 0 {
+                return (w as u64 * 64 + u64::from(cur.trailing_zeros())).min(self.blocks);
+            }
+            w += 1;
+            if w >= self.words.len() {
+                return self.blocks;
+            }
+            cur = self.words[w] ^ flip;
+        }
+    }
+}
+
+impl Iterator for Runs<'_> {
+    type Item = (u64, u64);
+    fn next(&mut self) -> Option<(u64, u64)> {
+        if self.pos >= self.blocks {
+            return None;
+        }
+        let start = self.find_bit(self.pos, true);
+        if start >= self.blocks {
+            self.pos = self.blocks;
+            return None;
+        }
+        let end = self.find_bit(start, false);
+        self.pos = end;
+        Some((start, end))
+    }
+}

@@ -1,0 +1,155 @@
+//! Per-chunk encodings for transfer and storage: all-zero (no payload), roaring (portable
+//! format) or raw, whichever is smallest. Hashes are always over the *raw* bytes, so the encoding
+//! is a size optimisation that can never change what is verified.
+
+use crate::error::DecodeError;
+use roaring::RoaringBitmap;
+use serde::{Deserialize, Serialize};
+
+/// How a chunk's payload is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum ChunkKind {
+    /// All bits clear; no payload.
+    Zero = 0,
+    /// Roaring portable serialization of the set bit positions within the chunk.
+    Roaring = 1,
+    /// The raw bytes.
+    Raw = 2,
+}
+
+impl ChunkKind {
+    /// Parse a stored or received tag.
+    pub fn from_tag(tag: u8) -> Result<Self, DecodeError> {
+        match tag {
+            0 => Ok(ChunkKind::Zero),
+            1 => Ok(ChunkKind::Roaring),
+            2 => Ok(ChunkKind::Raw),
+            t => Err(DecodeError::UnknownKind(t)),
+        }
+    }
+}
+
+/// An encoded chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkEncoding {
+    /// The encoding.
+    pub kind: ChunkKind,
+    /// The payload (empty for [`ChunkKind::Zero`]).
+    pub payload: Vec<u8>,
+}
+
+/// Encode raw chunk bytes in the smallest of the three forms.
+pub fn encode_chunk(raw: &[u8]) -> ChunkEncoding {
+    if raw.iter().all(|b| *b == 0) {
+        return ChunkEncoding {
+            kind: ChunkKind::Zero,
+            payload: Vec::new(),
+        };
+    }
+    let mut rb = RoaringBitmap::from_lsb0_bytes(0, raw);
+    rb.optimize();
+    if rb.serialized_size() < raw.len() {
+        let mut payload = Vec::with_capacity(rb.serialized_size());
+        rb.serialize_into(&mut payload)
+            .expect("writing into a Vec cannot fail");
+        return ChunkEncoding {
+            kind: ChunkKind::Roaring,
+            payload,
+        };
+    }
+    ChunkEncoding {
+        kind: ChunkKind::Raw,
+        payload: raw.to_vec(),
+    }
+}
+
+/// Decode a chunk that must be exactly `raw_len` raw bytes. Rejects payloads larger than the
+/// chunk itself before parsing, positions outside the chunk, and trailing garbage.
+pub fn decode_chunk(
+    kind: ChunkKind,
+    payload: &[u8],
+    raw_len: usize,
+) -> Result<Vec<u8>, DecodeError> {
+    match kind {
+        ChunkKind::Zero => {
+            if !payload.is_empty() {
+                return Err(DecodeError::ZeroWithPayload);
+            }
+            Ok(vec![0; raw_len])
+        }
+        ChunkKind::Raw => {
+            if payload.len() != raw_len {
+                return Err(DecodeError::RawLength {
+                    got: payload.len(),
+                    expected: raw_len,
+                });
+            }
+            Ok(payload.to_vec())
+        }
+        ChunkKind::Roaring => {
+            // The encoder only picks roaring when it is smaller than raw.
+            if payload.len() >= raw_len.max(8) {
+                return Err(DecodeError::Oversized {
+                    got: payload.len(),
+                    max: raw_len,
+                });
+            }
+            let mut cursor = payload;
+            let rb = RoaringBitmap::deserialize_from(&mut cursor)
+                .map_err(|e| DecodeError::Roaring(e.to_string()))?;
+            if !cursor.is_empty() {
+                return Err(DecodeError::Roaring(format!(
+                    "{} trailing bytes",
+                    cursor.len()
+                )));
+            }
+            let bits = raw_len as u64 * 8;
+            if rb.max().is_some_and(|m| u64::from(m) >= bits) {
+                return Err(DecodeError::Roaring(
+                    "bit position outside the chunk".into(),
+                ));
+            }
+            let mut raw = vec![0u8; raw_len];
+            for bit in rb.iter() {
+                raw[(bit / 8) as usize] |= 1 << (bit % 8);
+            }
+            Ok(raw)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_smallest_form() {
+        assert_eq!(encode_chunk(&[0; 100]).kind, ChunkKind::Zero);
+        let mut sparse = vec![0u8; 65536];
+        sparse[100] = 1;
+        sparse[40000] = 0x80;
+        assert_eq!(encode_chunk(&sparse).kind, ChunkKind::Roaring);
+        let full = vec![0xff; 65536];
+        assert_eq!(encode_chunk(&full).kind, ChunkKind::Roaring);
+        let noisy: Vec<u8> = (0..65536u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        assert_eq!(encode_chunk(&noisy).kind, ChunkKind::Raw);
+    }
+
+    #[test]
+    fn rejects_malformed_payloads() {
+        assert!(decode_chunk(ChunkKind::Zero, &[1], 10).is_err());
+        assert!(decode_chunk(ChunkKind::Raw, &[1, 2], 10).is_err());
+        assert!(decode_chunk(ChunkKind::Roaring, &[0; 3], 10).is_err());
+        // A bit outside a 1-byte chunk.
+        let mut rb = RoaringBitmap::new();
+        rb.insert(9);
+        let mut p = Vec::new();
+        rb.serialize_into(&mut p).unwrap();
+        assert!(decode_chunk(ChunkKind::Roaring, &p, 64).is_ok());
+        assert!(decode_chunk(ChunkKind::Roaring, &p, 1).is_err());
+        assert!(ChunkKind::from_tag(7).is_err());
+    }
+}

@@ -1,0 +1,159 @@
+//! Property tests of the bitmap core against a trivially correct model (a list of block ranges).
+//! proptest prints the failing case and persists its seed under `proptest-regressions/`.
+
+use proptest::prelude::*;
+use wire::{Bitmap, Geometry, chunk};
+
+/// Geometries: tiny to large, sizes not a multiple of the granularity, and disks over 4 GiB.
+fn geometry() -> impl Strategy<Value = Geometry> {
+    let small = (9u32..=26, 1u64..=4096, 0u64..=1).prop_flat_map(|(gbits, blocks, partial)| {
+        let g = 1u64 << gbits;
+        let rem = if partial == 1 { 1..=g } else { g..=g };
+        rem.prop_map(move |r| Geometry::new((blocks - 1) * g + r, g).unwrap())
+    });
+    let large = (12u32..=26, (4u64 << 30)..(64u64 << 30))
+        .prop_filter("at most 2^22 blocks", |(gbits, size)| {
+            size >> gbits < (1 << 22)
+        })
+        .prop_map(|(gbits, size)| Geometry::new(size, 1 << gbits).unwrap());
+    let one_block =
+        (9u32..=26, 1u64..=512).prop_map(|(gbits, size)| Geometry::new(size, 1 << gbits).unwrap());
+    prop_oneof![3 => small, 2 => large, 1 => one_block]
+}
+
+/// A mark as fractions of the disk, so it always fits whatever geometry is drawn.
+fn marks() -> impl Strategy<Value = Vec<(f64, f64)>> {
+    prop::collection::vec(
+        (
+            0.0f64..1.0,
+            prop_oneof![Just(0.0), 0.0f64..0.0001, 0.0f64..0.05, 0.0f64..1.0],
+        ),
+        0..24,
+    )
+}
+
+fn to_range(g: &Geometry, (a, l): (f64, f64)) -> (u64, u64) {
+    let off = ((g.size() as f64) * a) as u64 % g.size();
+    let len = (((g.size() - off) as f64) * l) as u64;
+    (off, len.min(g.size() - off))
+}
+
+/// Model: merge the touched block ranges.
+fn model(g: &Geometry, ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = ranges
+        .iter()
+        .filter(|(_, l)| *l > 0)
+        .map(|(o, l)| (o / g.granularity(), (o + l - 1) / g.granularity() + 1))
+        .collect();
+    v.sort();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in v {
+        match out.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn extents_are_exactly_the_touched_blocks(g in geometry(), ms in marks()) {
+        let mut b = Bitmap::new(g);
+        let ranges: Vec<_> = ms.iter().map(|m| to_range(&g, *m)).collect();
+        for (o, l) in &ranges {
+            b.mark(*o, *l).unwrap();
+        }
+        let want = model(&g, &ranges);
+        prop_assert_eq!(b.runs().collect::<Vec<_>>(), want.clone());
+        let count: u64 = want.iter().map(|(a, e)| e - a).sum();
+        prop_assert_eq!(b.count(), count);
+        let ext: Vec<_> = b.extents().collect();
+        prop_assert_eq!(ext.len(), want.len());
+        for (e, (a, z)) in ext.iter().zip(&want) {
+            prop_assert_eq!(e.offset, a * g.granularity());
+            prop_assert_eq!(e.offset + e.length, (z * g.granularity()).min(g.size()));
+        }
+        // A range past the end is refused and changes nothing.
+        let before = b.clone();
+        prop_assert!(b.mark(g.size(), 1).is_err());
+        prop_assert!(b.mark(u64::MAX, 2).is_err());
+        prop_assert_eq!(&b, &before);
+    }
+
+    #[test]
+    fn raw_and_chunks_round_trip(g in geometry(), ms in marks()) {
+        let mut b = Bitmap::new(g);
+        for m in &ms {
+            let (o, l) = to_range(&g, *m);
+            b.mark(o, l).unwrap();
+        }
+        let raw = b.to_raw();
+        prop_assert_eq!(raw.len(), g.raw_len());
+        // QEMU's layout: byte k holds blocks 8k..8k+7, LSB first.
+        for (a, z) in b.runs().take(50) {
+            for blk in [a, z - 1] {
+                prop_assert_eq!(raw[(blk / 8) as usize] >> (blk % 8) & 1, 1);
+            }
+            if a > 0 { prop_assert_eq!(raw[((a - 1) / 8) as usize] >> ((a - 1) % 8) & 1, 0); }
+        }
+        let back = Bitmap::from_raw(g, &raw).unwrap();
+        prop_assert_eq!(&back, &b);
+        let mut rebuilt = Bitmap::new(g);
+        let mut buf = Vec::new();
+        for i in 0..b.chunks() {
+            b.chunk_raw(i, &mut buf);
+            let enc = chunk::encode_chunk(&buf);
+            let dec = chunk::decode_chunk(enc.kind, &enc.payload, buf.len()).unwrap();
+            prop_assert_eq!(&dec, &buf);
+            rebuilt.apply_chunk_raw(i, &dec, false).unwrap();
+        }
+        prop_assert_eq!(&rebuilt, &b);
+    }
+
+    #[test]
+    fn root_is_blake3_of_raw_after_marks_and_merges(g in geometry(), ms in marks(), ms2 in marks()) {
+        let mut a = Bitmap::new(g);
+        let mut other = Bitmap::new(g);
+        prop_assert_eq!(a.root().0, *blake3::hash(&a.to_raw()).as_bytes());
+        for (i, m) in ms.iter().enumerate() {
+            let (o, l) = to_range(&g, *m);
+            a.mark(o, l).unwrap();
+            if i % 3 == 0 {
+                prop_assert_eq!(a.root().0, *blake3::hash(&a.to_raw()).as_bytes());
+            }
+        }
+        for m in &ms2 {
+            let (o, l) = to_range(&g, *m);
+            other.mark(o, l).unwrap();
+        }
+        a.merge(&other).unwrap();
+        prop_assert_eq!(a.root().0, *blake3::hash(&a.to_raw()).as_bytes());
+        // Merging is a superset: every block of either side is set.
+        for (x, y) in other.runs() {
+            prop_assert!(a.is_set(x) && a.is_set(y - 1));
+        }
+    }
+}
+
+#[test]
+fn raw_with_tail_bits_or_wrong_length_is_refused() {
+    let g = Geometry::new(10 * 512, 512).unwrap(); // 10 blocks, 2 bytes
+    assert!(Bitmap::from_raw(g, &[0xff, 0x03]).is_ok());
+    assert!(Bitmap::from_raw(g, &[0xff, 0x04]).is_err());
+    assert!(Bitmap::from_raw(g, &[0xff]).is_err());
+    assert!(Bitmap::from_raw(g, &[0xff, 0, 0]).is_err());
+}
+
+#[test]
+fn geometry_limits() {
+    assert!(Geometry::new(1, 512).is_ok());
+    assert!(Geometry::new(1, 256).is_err());
+    assert!(Geometry::new(1, 3 << 10).is_err());
+    assert!(Geometry::new(1, 128 << 20).is_err());
+    assert!(Geometry::new(0, 4096).is_err());
+    assert!(Geometry::new(u64::MAX, 512).is_err());
+    assert!(Geometry::new(1 << 40, 4096).is_ok());
+}
