@@ -1,1 +1,7 @@
-fn main() {}
+//! bitferry end-to-end tests: real `bitferry` processes, real files, QEMU tools as oracles.
+//! One test binary with modules, so it links once.
+
+mod common;
+
+mod bitmap_cli;
+mod store_crash;

@@ -4,10 +4,12 @@
 //! 0      8      12          16                 16+H        16+H+32
 //! | magic | version | header_len H | header (postcard) | blake3(bytes 0..16+H) |
 //! | chunk table: per chunk { kind u8, payload_len u32 LE, cv [32] } | payloads ... |
+//! | blake3(every byte before this trailer) [32] |
 //! ```
 //! The header carries the root. Loading checks the header hash, every chunk's chaining value
-//! against its decoded bytes, and the root against the chunk values: any flipped or missing byte
-//! anywhere is detected.
+//! against its decoded bytes, the root against the chunk values, and finally the file trailer.
+//! The trailer catches flips in bytes that decode to the same bits (e.g. a roaring run
+//! container's unused cardinality field), so *any* damaged byte makes the file untrusted.
 
 use serde::{Deserialize, Serialize};
 use wire::{
@@ -73,6 +75,9 @@ pub enum FormatError {
     /// Chunk `n` does not decode or does not match its hash.
     #[error("chunk {0}: {1}")]
     Chunk(usize, String),
+    /// The whole-file checksum does not match.
+    #[error("file checksum mismatch")]
+    FileHash,
     /// The root does not match the chunk hashes.
     #[error("root mismatch: stored {stored}, computed {computed}")]
     Root {
@@ -111,6 +116,8 @@ pub fn encode(meta: &Meta, bitmap: &mut Bitmap) -> Vec<u8> {
         payloads.extend_from_slice(&enc.payload);
     }
     out.extend_from_slice(&payloads);
+    let trailer = blake3::hash(&out);
+    out.extend_from_slice(trailer.as_bytes());
     out
 }
 
@@ -160,8 +167,12 @@ fn decode_header(bytes: &[u8]) -> Result<(Header, usize), FormatError> {
 }
 
 /// Decode and fully verify a file.
-pub fn decode(bytes: &[u8]) -> Result<(Meta, Bitmap), FormatError> {
-    let (header, mut pos) = decode_header(bytes)?;
+pub fn decode(file: &[u8]) -> Result<(Meta, Bitmap), FormatError> {
+    let (header, mut pos) = decode_header(file)?;
+    if file.len() < pos + 32 {
+        return Err(FormatError::Truncated("file trailer"));
+    }
+    let (bytes, trailer) = file.split_at(file.len() - 32);
     let geom = header.meta.geometry;
     let n = header.chunks as usize;
     let table_len = n
@@ -211,6 +222,9 @@ pub fn decode(bytes: &[u8]) -> Result<(Meta, Bitmap), FormatError> {
             stored: header.root,
             computed,
         });
+    }
+    if blake3::hash(bytes).as_bytes() != trailer {
+        return Err(FormatError::FileHash);
     }
     Ok((header.meta, bitmap))
 }

@@ -21,11 +21,12 @@ use wire::{Bitmap, DiskId, State};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Reading or writing the store failed.
-    #[error("store I/O on {path}: {source}")]
+    #[error("store I/O on {path}")]
     Io {
         /// File or directory involved.
         path: String,
         /// The OS error.
+        #[source]
         source: io::Error,
     },
     /// Another process (an agent, or another command) holds the store.
@@ -33,6 +34,9 @@ pub enum StoreError {
         "store {0} is locked by another process (a running agent? use --control SOCKET to go through it)"
     )]
     Locked(PathBuf),
+    /// The store directory does not exist.
+    #[error("store directory {0} does not exist (pass --store DIR, or create a bitmap first)")]
+    Missing(PathBuf),
     /// No bitmap for that disk.
     #[error("no bitmap for disk {0:?} in this store")]
     NotFound(DiskId),
@@ -112,6 +116,8 @@ impl Store {
         };
         if access == Access::ReadWrite {
             std::fs::create_dir_all(dir).map_err(io_err)?;
+        } else if !dir.is_dir() {
+            return Err(StoreError::Missing(dir.to_path_buf()));
         }
         let lock_path = dir.join(".lock");
         let lock = match OpenOptions::new()
@@ -140,7 +146,12 @@ impl Store {
             Access::ReadWrite => FlockOperation::NonBlockingLockExclusive,
         };
         flock(&lock, op).map_err(|_| StoreError::Locked(dir.to_path_buf()))?;
-        let mut s = Store::with_storage(Box::new(FsStorage::new(dir)), access, dir);
+        let mut storage = FsStorage::new(dir);
+        if access == Access::ReadWrite {
+            // We hold the exclusive lock, so temp files are leftovers of a killed writer.
+            storage.remove_leftovers().map_err(io_err)?;
+        }
+        let mut s = Store::with_storage(Box::new(storage), access, dir);
         s._lock = Some(lock);
         Ok(s)
     }

@@ -35,6 +35,21 @@ impl FsStorage {
         }
     }
 
+    /// Delete temp files a killed writer left behind. Only call while holding the store's
+    /// exclusive lock.
+    pub fn remove_leftovers(&mut self) -> io::Result<()> {
+        for e in fs::read_dir(&self.dir)? {
+            let e = e?;
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(TMP_PREFIX))
+            {
+                fs::remove_file(e.path())?;
+            }
+        }
+        Ok(())
+    }
+
     fn sync_dir(&self) -> io::Result<()> {
         File::open(&self.dir)?.sync_all()
     }
