@@ -1,6 +1,11 @@
-//! The bitferry agent library: persistent store, CLI, and (as they land) trackers, transport,
-//! migration sessions, rebuild jobs and QEMU interop. The `bitferry` binary is a thin wrapper over
-//! [`cli::main`].
+//! The bitferry agent library: persistent store, control API, agent daemon, CLI, and (as they
+//! land) trackers, transport, migration sessions, rebuild jobs and QEMU interop. The `bitferry`
+//! binary is a thin wrapper over [`cli::main`].
 
 pub mod cli;
+pub mod control;
+pub mod daemon;
+pub mod exit;
+pub mod local;
+pub mod report;
 pub mod store;

@@ -65,3 +65,112 @@ pub fn seed(test: &str) -> u64 {
     eprintln!("{test}: seed {s} (replay with BITFERRY_TEST_SEED={s})");
     s
 }
+
+/// A running `bitferry agent`, killed when dropped.
+pub struct AgentProc {
+    /// The child process.
+    pub child: std::process::Child,
+    /// Its control socket.
+    pub control: PathBuf,
+    /// Its store directory.
+    pub store: PathBuf,
+}
+
+impl AgentProc {
+    /// Write a config in `dir` (TLS paths as given, or dummies) and start the agent; waits until
+    /// its control socket answers.
+    pub fn start(dir: &std::path::Path, listen: &str, extra_toml: &str) -> AgentProc {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("agent.toml");
+        let control = dir.join("control.sock");
+        let store = dir.join("store");
+        if !config.exists() {
+            std::fs::write(
+                &config,
+                format!(
+                    "listen = \"{listen}\"\nstore = \"store\"\ncontrol = \"control.sock\"\nflush_interval_ms = 100\n{extra_toml}\n"
+                ),
+            )
+            .unwrap();
+        }
+        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+        let child = bitferry()
+            .env("BITFERRY_LOG", "info")
+            .arg("agent")
+            .arg("--config")
+            .arg(&config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn agent");
+        let mut a = AgentProc {
+            child,
+            control,
+            store,
+        };
+        a.wait_ready(dir);
+        a
+    }
+
+    fn wait_ready(&mut self, dir: &std::path::Path) {
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_secs(20) {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                panic!(
+                    "agent exited early ({st}): {}",
+                    std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+                );
+            }
+            if std::os::unix::net::UnixStream::connect(&self.control).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("agent did not come up within 20 s");
+    }
+
+    /// Run `bitferry --control SOCKET ARGS…`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        bitferry()
+            .arg("--control")
+            .arg(&self.control)
+            .args(args)
+            .output()
+            .expect("spawn bitferry")
+    }
+
+    /// Like [`AgentProc::cli`] with `--json`; must succeed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        let out = self.cli(&full);
+        assert!(
+            out.status.success(),
+            "bitferry --control {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -3,5 +3,6 @@
 
 mod common;
 
+mod agent_control;
 mod bitmap_cli;
 mod store_crash;

@@ -4,13 +4,15 @@
 //! Exit codes: 0 success; 1 error; 2 usage; 3 the bitmap is not trustworthy (verify failed, or
 //! the command refused an untrusted bitmap); 4 the store is locked by another process.
 
+pub mod agent;
 pub mod bench;
 pub mod bitmap;
 pub mod demo;
 pub mod output;
 pub mod units;
 
-use crate::store::StoreError;
+use crate::control::Request;
+pub use crate::exit::Failure;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +34,11 @@ pub struct Cli {
         default_value = "/var/lib/bitferry"
     )]
     pub store: PathBuf,
+
+    /// Control socket of a running agent; commands then go through the agent instead of
+    /// opening the store themselves.
+    #[arg(long, global = true, env = "BITFERRY_CONTROL")]
+    pub control: Option<PathBuf>,
 
     /// Print machine-readable JSON on stdout instead of text.
     #[arg(long, global = true)]
@@ -66,35 +73,36 @@ pub enum Command {
     Bench(bench::BenchCmd),
     /// A narrated tour on this machine, in a temporary directory.
     Demo(demo::DemoArgs),
-}
-
-/// A failure with a specific exit code and message.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct Failure {
-    /// Process exit code.
-    pub code: u8,
-    /// What went wrong, for people.
-    pub message: String,
-}
-
-impl Failure {
-    /// The bitmap is not trustworthy (exit 3).
-    pub fn untrusted(message: impl Into<String>) -> anyhow::Error {
-        Failure {
-            code: 3,
-            message: message.into(),
-        }
-        .into()
-    }
+    /// Run the agent daemon: QUIC listener, control socket, metrics, live store.
+    Agent(agent::AgentArgs),
+    /// Tell a running (destination) agent to accept a disk's migration (needs --control).
+    Expect(agent::ExpectArgs),
+    /// Show a running agent's state (needs --control).
+    Status,
+    /// Ask a running agent to commit everything and stop (needs --control).
+    Shutdown,
 }
 
 /// Shared context handed to every command.
 pub struct Ctx {
     /// The store directory.
     pub store: PathBuf,
+    /// The agent's control socket, when commands go through a running agent.
+    pub control: Option<PathBuf>,
     /// Print JSON.
     pub json: bool,
+}
+
+/// Run a request through the agent when `--control` is given, else directly on the store.
+pub fn dispatch(ctx: &Ctx, req: Request) -> anyhow::Result<serde_json::Value> {
+    match &ctx.control {
+        Some(sock) => Ok(crate::control::client::call(
+            sock,
+            &req,
+            Some(std::time::Duration::from_secs(600)),
+        )?),
+        None => crate::local::execute(&ctx.store, req),
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -115,17 +123,22 @@ pub fn main() -> ExitCode {
     init_logging(cli.log_format);
     let ctx = Ctx {
         store: cli.store,
+        control: cli.control,
         json: cli.json,
     };
     let result = match cli.command {
         Command::Bitmap(c) => bitmap::run(&ctx, c),
         Command::Bench(c) => bench::run(&ctx, c),
         Command::Demo(a) => demo::run(&ctx, a),
+        Command::Agent(a) => agent::agent(a),
+        Command::Expect(a) => agent::expect(&ctx, a),
+        Command::Status => agent::status(&ctx),
+        Command::Shutdown => agent::shutdown(&ctx),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let code = exit_code(&e);
+            let code = crate::exit::exit_code(&e);
             tracing::debug!(error = %format!("{e:#}"), "command failed");
             if ctx.json {
                 println!(
@@ -137,18 +150,4 @@ pub fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
-}
-
-fn exit_code(e: &anyhow::Error) -> u8 {
-    for cause in e.chain() {
-        if let Some(f) = cause.downcast_ref::<Failure>() {
-            return f.code;
-        }
-        match cause.downcast_ref::<StoreError>() {
-            Some(StoreError::Locked(_)) => return 4,
-            Some(StoreError::Untrusted { .. }) => return 3,
-            _ => {}
-        }
-    }
-    1
 }

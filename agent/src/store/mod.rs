@@ -251,6 +251,29 @@ impl Store {
         })
     }
 
+    /// Load `disk` as the process that wrote it: like [`Store::load`], but a `recording` state is
+    /// kept as is. Only the live recorder holding the store lock may use this (the agent checking
+    /// its own flushed file); anyone else must use [`Store::load`].
+    pub fn load_own(&self, disk: &DiskId) -> Result<Loaded, StoreError> {
+        let bytes = self
+            .storage
+            .read(&file_name(disk))
+            .map_err(|e| self.io(e))?
+            .ok_or_else(|| StoreError::NotFound(disk.clone()))?;
+        Ok(match format::decode(&bytes) {
+            Ok((meta, bitmap)) => Loaded {
+                reason: meta.reason.clone(),
+                meta: Some(meta),
+                bitmap: Some(bitmap),
+            },
+            Err(e) => Loaded {
+                meta: None,
+                bitmap: None,
+                reason: Some(e.to_string()),
+            },
+        })
+    }
+
     /// Create a new bitmap; refuses to replace an existing one.
     pub fn create(&mut self, meta: &Meta, bitmap: &mut Bitmap) -> Result<(), StoreError> {
         if self.contains(&meta.disk)? {

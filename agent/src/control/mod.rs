@@ -1,0 +1,87 @@
+//! The local control API: newline-delimited JSON over a unix socket. The CLI (`--control
+//! SOCKET`) and hypervisor hooks talk to a running agent through it.
+//!
+//! Each connection carries request lines; each request gets exactly one response line:
+//! `{"ok": true, "result": {...}}` or `{"ok": false, "error": "...", "exit_code": N}`.
+//! Lines are limited to [`MAX_LINE`] bytes.
+
+pub mod client;
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use wire::DiskId;
+
+/// Longest request or response line accepted.
+pub const MAX_LINE: usize = 16 << 20;
+
+/// A request to the agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// `bitmap create`.
+    Create {
+        /// Disk id.
+        disk: DiskId,
+        /// Disk size in bytes.
+        size: u64,
+        /// Granularity in bytes.
+        granularity: u64,
+        /// Checkpoint id.
+        checkpoint: Option<String>,
+    },
+    /// `bitmap mark`.
+    Mark {
+        /// Disk id.
+        disk: DiskId,
+        /// Byte ranges `(offset, length)`.
+        ranges: Vec<(u64, u64)>,
+    },
+    /// `bitmap show`.
+    Show {
+        /// Disk id.
+        disk: DiskId,
+    },
+    /// `bitmap verify`.
+    Verify {
+        /// Disk id.
+        disk: DiskId,
+    },
+    /// `bitmap export --raw`.
+    Export {
+        /// Disk id.
+        disk: DiskId,
+        /// Output file (written by the agent).
+        raw: PathBuf,
+        /// Export a non-consistent bitmap anyway.
+        allow_untrusted: bool,
+    },
+    /// `bitmap list`.
+    List,
+    /// `expect`: accept this disk as a migration destination.
+    Expect {
+        /// Disk id.
+        disk: DiskId,
+        /// Only from this peer (certificate name).
+        from: Option<String>,
+    },
+    /// `status`: the agent's state.
+    Status,
+    /// Commit everything and stop the agent.
+    Shutdown,
+}
+
+/// A response line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The report, on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// What went wrong, on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The exit code the CLI should use, on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<u8>,
+}

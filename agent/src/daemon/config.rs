@@ -1,0 +1,170 @@
+//! The agent's TOML configuration. Every key is documented in docs/operations.md §Configuration.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// `bitferry agent --config FILE`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// QUIC listen address (UDP).
+    pub listen: SocketAddr,
+    /// Store directory; the agent holds it locked while it runs.
+    pub store: PathBuf,
+    /// Unix socket for the CLI and hooks.
+    pub control: PathBuf,
+    /// Prometheus metrics listen address (HTTP); off when absent.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+    /// How often marks recorded in memory are committed to the store, in milliseconds.
+    #[serde(default = "default_flush_ms")]
+    pub flush_interval_ms: u64,
+    /// Mutual TLS material.
+    pub tls: TlsPaths,
+    /// Disks this agent accepts as a migration destination without a runtime `expect`.
+    #[serde(default)]
+    pub expect: Vec<Expectation>,
+    /// QUIC tuning.
+    #[serde(default)]
+    pub transport: TransportConfig,
+}
+
+fn default_flush_ms() -> u64 {
+    1000
+}
+
+/// Paths of the cluster CA and this host's certificate and key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPaths {
+    /// Cluster CA certificate (`bitferry cert init`).
+    pub ca: PathBuf,
+    /// This host's certificate (`bitferry cert issue`).
+    pub cert: PathBuf,
+    /// This host's private key.
+    pub key: PathBuf,
+}
+
+/// "Accept disk D, optionally only from the peer whose certificate names P."
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expectation {
+    /// Disk id.
+    pub disk: wire::DiskId,
+    /// Peer certificate name; any peer of the cluster CA when absent.
+    #[serde(default)]
+    pub from: Option<String>,
+}
+
+/// QUIC transport settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportConfig {
+    /// Idle timeout in milliseconds (the smaller of both peers' applies).
+    pub idle_timeout_ms: u64,
+    /// Keep-alive interval in milliseconds (below the idle timeout).
+    pub keep_alive_ms: u64,
+    /// Turn off UDP generic segmentation offload (some virtual NICs mishandle it).
+    pub disable_gso: bool,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            idle_timeout_ms: 30_000,
+            keep_alive_ms: 5_000,
+            disable_gso: false,
+        }
+    }
+}
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid configuration.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with line and column.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Load a config file; relative paths inside resolve against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut c: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut c.store,
+            &mut c.control,
+            &mut c.tls.ca,
+            &mut c.tls.cert,
+            &mut c.tls.key,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if c.flush_interval_ms == 0 {
+            return Err(ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: "flush_interval_ms must be at least 1".into(),
+            });
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_from_the_brief_parses_and_resolves_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent.toml");
+        std::fs::write(
+            &p,
+            r#"
+listen  = "127.0.0.1:7400"
+store   = "/var/lib/bitferry"
+control = "run/control.sock"
+
+[tls]
+ca   = "ca.pem"
+cert = "host.pem"
+key  = "host.key"
+"#,
+        )
+        .unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.store, PathBuf::from("/var/lib/bitferry"));
+        assert_eq!(c.control, dir.path().join("run/control.sock"));
+        assert_eq!(c.tls.ca, dir.path().join("ca.pem"));
+        assert_eq!(c.flush_interval_ms, 1000);
+        std::fs::write(&p, "listen = 1\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("agent.toml"), "{e}");
+        std::fs::write(&p, "bogus = 1\n").unwrap();
+        assert!(Config::load(&p).is_err());
+    }
+}

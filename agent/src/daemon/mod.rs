@@ -1,0 +1,76 @@
+//! `bitferry agent`: the daemon. It holds the store locked, tracks its disks live, serves the
+//! control socket, exports metrics, and (with the transport) listens for migrations over QUIC.
+
+pub mod config;
+pub mod control_server;
+pub mod state;
+
+use anyhow::{Context, Result, bail};
+use config::Config;
+use state::AgentState;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Shared handle to the agent's state.
+pub type Shared = Arc<Mutex<AgentState>>;
+
+/// Run the agent until SIGINT, SIGTERM or a `shutdown` request; then commit everything.
+pub fn run(config: Config) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> Result<()> {
+    let store = crate::store::Store::open(&config.store, crate::store::Access::ReadWrite)?;
+    let state = AgentState::open(store, config.expect.clone())?;
+    let shared: Shared = Arc::new(Mutex::new(state));
+    let stop = Arc::new(Notify::new());
+
+    if let Some(addr) = config.metrics {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
+    }
+
+    let listener = control_server::bind(&config.control)?;
+    tokio::spawn(control_server::serve(
+        listener,
+        shared.clone(),
+        stop.clone(),
+    ));
+
+    let flusher = {
+        let shared = shared.clone();
+        let every = Duration::from_millis(config.flush_interval_ms);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let r = shared.lock().expect("state lock").flush();
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "flushing the store failed");
+                }
+            }
+        })
+    };
+
+    tracing::info!(control = %config.control.display(), store = %config.store.display(), "agent ready");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = stop.notified() => tracing::info!("shutdown requested"),
+    }
+    flusher.abort();
+    let closed = shared.lock().expect("state lock").close();
+    let _ = std::fs::remove_file(&config.control);
+    if let Err(e) = closed {
+        bail!("final commit failed: {e}");
+    }
+    Ok(())
+}
