@@ -2,5 +2,7 @@
 //! migration sessions, rebuild jobs and QEMU interop. The `bitferry` binary is a thin wrapper over
 //! [`cli::main`].
 
+pub mod cert;
 pub mod cli;
 pub mod store;
+pub mod transport;

@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod bitmap;
+pub mod cert;
 pub mod demo;
 pub mod output;
 pub mod units;
@@ -66,6 +67,9 @@ pub enum Command {
     Bench(bench::BenchCmd),
     /// A narrated tour on this machine, in a temporary directory.
     Demo(demo::DemoArgs),
+    /// Cluster CA and host certificates for mutual TLS between agents.
+    #[command(subcommand)]
+    Cert(cert::CertCmd),
 }
 
 /// A failure with a specific exit code and message.
@@ -121,6 +125,7 @@ pub fn main() -> ExitCode {
         Command::Bitmap(c) => bitmap::run(&ctx, c),
         Command::Bench(c) => bench::run(&ctx, c),
         Command::Demo(a) => demo::run(&ctx, a),
+        Command::Cert(c) => cert::run(&ctx, c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
