@@ -2,6 +2,7 @@
 //! land) trackers, transport, migration sessions, rebuild jobs and QEMU interop. The `bitferry`
 //! binary is a thin wrapper over [`cli::main`].
 
+pub mod cert;
 pub mod cli;
 pub mod control;
 pub mod daemon;
@@ -9,3 +10,4 @@ pub mod exit;
 pub mod local;
 pub mod report;
 pub mod store;
+pub mod transport;

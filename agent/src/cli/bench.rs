@@ -16,6 +16,9 @@ use wire::{Bitmap, Geometry};
 pub enum BenchCmd {
     /// Cost of marking one block and recomputing the root, against hashing the whole raw bitmap.
     Root(RootArgs),
+    /// Raw quinn bulk throughput over loopback with mutual TLS (the migration baseline), with
+    /// BLAKE3 per 1 MiB, and through framed header + payload.
+    Quic(QuicArgs),
 }
 
 /// `bench root` arguments.
@@ -35,10 +38,25 @@ pub struct RootArgs {
     pub seed: u64,
 }
 
+/// `bench quic` arguments.
+#[derive(Debug, Args)]
+pub struct QuicArgs {
+    /// Bytes per run.
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    pub bytes: u64,
+    /// Runs per figure (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub iterations: usize,
+    /// Turn off UDP segmentation offload.
+    #[arg(long)]
+    pub disable_gso: bool,
+}
+
 /// Run a benchmark.
 pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Root(a) => root(ctx, a),
+        BenchCmd::Quic(a) => quic(ctx, a),
     }
 }
 
@@ -105,6 +123,57 @@ fn root(ctx: &Ctx, a: RootArgs) -> Result<()> {
                 human(g.raw_len() as u64),
                 full.as_secs_f64() * 1e6,
                 ratio * 100.0
+            ),
+        }),
+    );
+    Ok(())
+}
+
+fn quic(ctx: &Ctx, a: QuicArgs) -> Result<()> {
+    use crate::transport::TransportOptions;
+    use crate::transport::bench::{Mode, bulk, ephemeral_cluster};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let ids = ephemeral_cluster(&["bench-dst", "bench-src"])?;
+    let opts = TransportOptions {
+        disable_gso: a.disable_gso,
+        ..TransportOptions::default()
+    };
+    let modes = [Mode::Raw, Mode::RawBlake3, Mode::FramedBlake3];
+    let mut rates: [Vec<f64>; 3] = Default::default();
+    // Interleave the modes so drift (other load, thermal) hits all of them alike.
+    for _ in 0..a.iterations.max(1) {
+        for (i, mode) in modes.iter().enumerate() {
+            let run = rt.block_on(bulk(&ids[0], &ids[1], &opts, a.bytes, *mode))?;
+            rates[i].push(run.mib_per_s());
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let [raw, hashed, framed] = rates.each_mut().map(med);
+    print(
+        ctx.json,
+        &json!({
+            "bench": "quic",
+            "bytes": a.bytes,
+            "iterations": a.iterations.max(1),
+            "gso": !a.disable_gso,
+            "stream_window": opts.stream_window,
+            "baseline": "raw quinn, one stream, write_chunk of 1 MiB, loopback, mutual TLS",
+            "raw_mib_s": raw,
+            "raw_blake3_mib_s": hashed,
+            "framed_blake3_mib_s": framed,
+            "raw_blake3_ratio": hashed / raw,
+            "framed_blake3_ratio": framed / raw,
+            "summary": format!(
+                "raw {raw:.0} MiB/s; with BLAKE3 {hashed:.0} MiB/s ({:.2}x); \
+                 header frame + payload with BLAKE3 {framed:.0} MiB/s ({:.2}x)",
+                hashed / raw,
+                framed / raw
             ),
         }),
     );

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod bench;
 pub mod bitmap;
+pub mod cert;
 pub mod demo;
 pub mod output;
 pub mod units;
@@ -81,6 +82,9 @@ pub enum Command {
     Status,
     /// Ask a running agent to commit everything and stop (needs --control).
     Shutdown,
+    /// Cluster CA and host certificates for mutual TLS between agents.
+    #[command(subcommand)]
+    Cert(cert::CertCmd),
 }
 
 /// Shared context handed to every command.
@@ -134,6 +138,7 @@ pub fn main() -> ExitCode {
         Command::Expect(a) => agent::expect(&ctx, a),
         Command::Status => agent::status(&ctx),
         Command::Shutdown => agent::shutdown(&ctx),
+        Command::Cert(c) => cert::run(&ctx, c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
