@@ -104,6 +104,8 @@ pub struct SourceSession {
     streaming: Option<usize>,
     unacked: VecDeque<(u32, Root)>,
     switched: Option<Switched>,
+    /// Whether the Switchover message has been handed to the driver (polled).
+    switch_sent: bool,
     postcopy_round: u32,
     counting: bool,
     stats: Stats,
@@ -147,6 +149,7 @@ impl SourceSession {
             streaming: None,
             unacked: VecDeque::new(),
             switched: None,
+            switch_sent: false,
             postcopy_round: 0,
             counting: false,
             stats: Stats::default(),
@@ -165,6 +168,7 @@ impl SourceSession {
                 match m {
                     Message::Chunk(_) => self.stats.chunks += 1,
                     Message::Delta(_) => self.stats.deltas += 1,
+                    Message::Switchover(_) => self.switch_sent = true,
                     _ => {}
                 }
                 frame_len(m)
@@ -429,7 +433,10 @@ impl SourceSession {
     fn outcome(&self, dest_says: Option<bool>) -> Outcome {
         match self.switched {
             None => Outcome::SourceKeeps,
+            // The VM leaves on a post-copy switchover whatever happens to the message.
             Some(sw) if sw.postcopy => Outcome::HandedOver,
+            // A pre-copy Switchover that never left this session cannot have been acted on.
+            Some(_) if !self.switch_sent => Outcome::SourceKeeps,
             Some(_) => match dest_says {
                 Some(true) => Outcome::HandedOver,
                 Some(false) => Outcome::SourceKeeps,

@@ -989,6 +989,18 @@ fn peer_lost_before_switchover_keeps_the_source_owner() {
     p.src.peer_lost().unwrap();
     p.pull_src(usize::MAX);
     assert_eq!(p.src_outcome(), Some(Outcome::InDoubt));
+    // But a Switchover that never left the session was never acted on.
+    let mut p = Pump::new(
+        source(Bitmap::new(geom()), 1, Mode::Precopy),
+        DestSession::new(policy(None)),
+    );
+    p.run();
+    p.src.switchover(false).unwrap();
+    p.src.abort().unwrap();
+    p.run();
+    assert_eq!(p.src_outcome(), Some(Outcome::SourceKeeps));
+    assert_eq!(p.dst_outcome(), Some(Outcome::SourceKeeps));
+    assert!(p.commits.is_empty());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1133,6 +1145,25 @@ mod fuzz {
             }
             let commits = feed(&bytes, slice);
             prop_assert!(commits.is_empty());
+            // The source decodes untrusted bytes too.
+            let mut s = source(Bitmap::new(geom()), 1, Mode::Precopy);
+            while s.poll_action().is_some() {}
+            let mut dec = FrameDecoder::new();
+            for piece in bytes.chunks(slice) {
+                dec.push(piece);
+                loop {
+                    match dec.next_item() {
+                        Ok(Some(Incoming::Message(m))) => { let _ = s.handle(m); }
+                        Ok(Some(Incoming::Payload(_))) => {}
+                        Ok(None) => break,
+                        Err(e) => { let _ = s.on_frame_error(e); break; }
+                    }
+                    while let Some(a) = s.poll_action() {
+                        let retire = matches!(a, Action::Retire { .. });
+                        prop_assert!(!retire, "garbage made the source retire");
+                    }
+                }
+            }
         }
 
         /// A valid transcript with random corruption: never a panic, and the destination
