@@ -8,6 +8,7 @@ pub mod control;
 pub mod daemon;
 pub mod exit;
 pub mod local;
+pub mod migrate;
 pub mod report;
 pub mod store;
 pub mod transport;
