@@ -3,4 +3,6 @@
 //! [`cli::main`].
 
 pub mod cli;
+pub mod qcow2;
+pub mod qemu;
 pub mod store;
