@@ -1,1 +1,3 @@
+mod qcow2;
+
 fn main() {}

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod bitmap;
 pub mod demo;
 pub mod output;
+pub mod qcow2;
 pub mod units;
 
 use crate::store::StoreError;
@@ -66,6 +67,9 @@ pub enum Command {
     Bench(bench::BenchCmd),
     /// A narrated tour on this machine, in a temporary directory.
     Demo(demo::DemoArgs),
+    /// Read and write QEMU qcow2 persistent bitmaps.
+    #[command(subcommand)]
+    Qcow2(qcow2::Qcow2Cmd),
 }
 
 /// A failure with a specific exit code and message.
@@ -121,6 +125,7 @@ pub fn main() -> ExitCode {
         Command::Bitmap(c) => bitmap::run(&ctx, c),
         Command::Bench(c) => bench::run(&ctx, c),
         Command::Demo(a) => demo::run(&ctx, a),
+        Command::Qcow2(c) => qcow2::run(&ctx, c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -307,7 +307,7 @@ pub fn validate_bitmaps_ext(h: &Header, e: &BitmapsExt) -> Result<(), FormatErro
             ),
         ));
     }
-    if e.directory_offset % h.cluster_size() != 0 || e.directory_offset == 0 {
+    if e.directory_offset & (h.cluster_size() - 1) != 0 || e.directory_offset == 0 {
         return Err(invalid(
             "bitmap directory offset",
             format!(
@@ -428,7 +428,7 @@ pub fn parse_directory(
         if table_size == 0 || table_size > MAX_TABLE_SIZE {
             return Err(bad(format!("table size {table_size}")));
         }
-        if table_offset == 0 || table_offset % cs != 0 {
+        if table_offset == 0 || table_offset & (cs - 1) != 0 {
             return Err(bad(format!(
                 "table offset {table_offset:#x} is not a non-zero cluster boundary"
             )));
@@ -504,7 +504,8 @@ pub enum TableEntry {
     Data(u64),
 }
 
-/// Decode and validate one bitmap table entry (QEMU's `check_table_entry`).
+/// Decode and validate one bitmap table entry (QEMU's `check_table_entry`). `cluster_size` is a
+/// power of two.
 pub fn parse_table_entry(raw: u64, cluster_size: u64) -> Result<TableEntry, FormatError> {
     if raw & ENTRY_RESERVED_MASK != 0 {
         return Err(invalid(
@@ -526,7 +527,7 @@ pub fn parse_table_entry(raw: u64, cluster_size: u64) -> Result<TableEntry, Form
             format!("{raw:#018x} has a data offset and the all-ones bit"),
         ));
     }
-    if off % cluster_size != 0 {
+    if off & (cluster_size - 1) != 0 {
         return Err(invalid(
             "bitmap table entry",
             format!("data offset {off:#x} is not cluster aligned"),

@@ -18,14 +18,14 @@ const TABLE_PIECE: usize = 64 << 10;
 /// Random-access bytes of known length: a file, or a slice in tests.
 pub trait Source {
     /// Total length in bytes.
-    fn len(&self) -> u64;
-    /// Fill `buf` from `offset`; the caller has checked the range lies within [`Source::len`].
+    fn size(&self) -> u64;
+    /// Fill `buf` from `offset`; the caller has checked the range lies within [`Source::size`].
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 }
 
 impl Source for [u8] {
-    fn len(&self) -> u64 {
-        <[u8]>::len(self) as u64
+    fn size(&self) -> u64 {
+        self.len() as u64
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
@@ -39,8 +39,8 @@ impl Source for [u8] {
 }
 
 impl<T: Source + ?Sized> Source for &T {
-    fn len(&self) -> u64 {
-        (**self).len()
+    fn size(&self) -> u64 {
+        (**self).size()
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         (**self).read_exact_at(buf, offset)
@@ -63,7 +63,7 @@ impl FileSource {
 }
 
 impl Source for FileSource {
-    fn len(&self) -> u64 {
+    fn size(&self) -> u64 {
         self.len
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -135,10 +135,10 @@ fn read_range<S: Source + ?Sized>(
     let end = offset
         .checked_add(len)
         .ok_or_else(|| truncated(format!("{what} at {offset:#x} overflows")))?;
-    if end > src.len() {
+    if end > src.size() {
         return Err(truncated(format!(
             "{what} ({len} bytes at {offset:#x}) ends past the end of the file ({} bytes)",
-            src.len()
+            src.size()
         )));
     }
     let mut buf = vec![0u8; len as usize];
@@ -156,7 +156,7 @@ impl Image<FileSource> {
 impl<S: Source> Image<S> {
     /// Parse the header, find the bitmaps extension and load its directory.
     pub fn open(src: S) -> Result<Self, ReadError> {
-        let len = src.len();
+        let len = src.size();
         let first = read_range(&src, 0, len.min(format::V3_HEADER_MIN as u64), "header")?;
         let header = format::parse_header(&first)?;
         // The extension area lies inside the first cluster (≤ 2 MiB).
@@ -264,7 +264,7 @@ impl<S: Source> Image<S> {
         let table_end = e
             .table_offset
             .checked_add(table_bytes)
-            .filter(|end| *end <= self.src.len());
+            .filter(|end| *end <= self.src.size());
         if table_end.is_none() {
             return Err(truncated(format!(
                 "bitmap table of {:?} ends past the end of the file",
@@ -298,7 +298,7 @@ impl<S: Source> Image<S> {
                     TableEntry::Data(off) => {
                         let fits = off
                             .checked_add(dst.len() as u64)
-                            .is_some_and(|e| e <= self.src.len());
+                            .is_some_and(|e| e <= self.src.size());
                         if !fits {
                             return Err(truncated(format!(
                                 "data cluster {index} of bitmap {:?} at {off:#x} ends past the \

@@ -116,6 +116,9 @@ fn in_use_and_stale_autoclear_are_inconsistent() {
     }
 }
 
+/// A named way to damage the fixture.
+type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+
 #[test]
 fn targeted_corruptions_are_errors() {
     let l = layout(SMALL);
@@ -123,7 +126,7 @@ fn targeted_corruptions_are_errors() {
         |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
     let set64 =
         |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    let cases: Vec<(&str, Damage)> = vec![
         ("magic", Box::new(|b| b[0] = b'X')),
         ("version 2", Box::new(move |b| set32(b, 4, 2))),
         ("cluster bits", Box::new(move |b| set32(b, 20, 30))),

@@ -14,7 +14,8 @@
 //! ..+T     bitmap table
 //! ..+D     one data cluster per bitmap cluster that is neither all zeros nor all ones
 //! ```
-//! All-zero bitmap clusters are table entries with offset 0; all-ones ones set bit 0.
+//! All-zero bitmap clusters are table entries with offset 0; full all-ones clusters set bit 0
+//! (never the partial last cluster: QEMU would fill whole words there, past the disk's end).
 
 use super::format::{
     self, AUTOCLEAR_BITMAPS, BitmapsExt, DirEntry, FLAG_AUTO, Header, MAX_NAME_SIZE, MAX_PHYS_SIZE,
@@ -93,18 +94,6 @@ fn raw_slice(b: &Bitmap, start: usize, len: usize, out: &mut Vec<u8>, scratch: &
     }
 }
 
-/// Whether `bytes` (raw bytes starting at raw offset `start`) are all ones for every block they
-/// cover.
-fn all_ones(bytes: &[u8], start: usize, raw_len: usize, blocks: u64) -> bool {
-    bytes.iter().enumerate().all(|(i, &v)| {
-        if start + i == raw_len - 1 && blocks % 8 != 0 {
-            v == (1u8 << (blocks % 8)) - 1
-        } else {
-            v == 0xff
-        }
-    })
-}
-
 fn plan(b: &Bitmap) -> Result<Plan, WriteError> {
     let g = b.geometry();
     let raw_len = g.raw_len();
@@ -132,7 +121,9 @@ fn plan(b: &Bitmap) -> Result<Plan, WriteError> {
         raw_slice(b, start, len, &mut out, &mut scratch);
         entries.push(if out.iter().all(|v| *v == 0) {
             TableEntry::Zeros
-        } else if all_ones(&out, start, raw_len, g.blocks()) {
+        } else if len == CS as usize && out.iter().all(|v| *v == 0xff) {
+            // Only full clusters: QEMU fills all-ones clusters a whole word at a time, so a
+            // partial last cluster would gain bits past the disk's end in QEMU's memory.
             TableEntry::Ones
         } else {
             data += 1;
