@@ -701,3 +701,144 @@ fn import_and_refusals() {
         assert!(err.contains("error"), "{what}: {err}");
     }
 }
+
+/// Bitmaps are qcow2 metadata, never encrypted: a LUKS-encrypted image lists without its key.
+/// A qcow2 v2 image (no autoclear bits, so no valid bitmaps) is refused with a clear error.
+#[test]
+fn encrypted_readable_v2_refused() {
+    let dir = tempfile::Builder::new()
+        .prefix("bfq")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let img = dir.path().join("enc.qcow2");
+    let p = img.to_str().unwrap();
+    let secret = ["--object", "secret,id=s0,data=pw"];
+    let opts = format!("driver=qcow2,file.filename={p},encrypt.key-secret=s0");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .args(secret)
+        .args([
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+            p,
+            "10M",
+        ]));
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add"])
+        .args(secret)
+        .args(["--image-opts", &opts, "b"]));
+    run(Command::new("qemu-io").args(secret).args([
+        "--image-opts",
+        &opts,
+        "-c",
+        "write 1048576 4096",
+    ]));
+    let e = entry(&list(&img), "b").clone();
+    assert_eq!(e["state"], "consistent");
+    assert_eq!(e["extents"], json!([{"offset": 1048576, "length": 65536}]));
+
+    let v2 = dir.path().join("v2.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        v2.to_str().unwrap(),
+        "1M",
+    ]);
+    let out = bitferry()
+        .args(["qcow2", "list"])
+        .arg(&v2)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("v3"),
+        "{out:?}"
+    );
+}
+
+/// The live route in docs/qemu.md: `blockdev-add` a carrier into a running daemon and
+/// cross-node merge it into a bitmap of the open image; QEMU then hashes the same bytes.
+#[test]
+fn carrier_merges_live_over_qmp() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let dir = tempfile::Builder::new()
+        .prefix("bfq")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let dir = dir.path();
+    let store = dir.join("store");
+    let size = 300 * MIB + 512;
+    let g = 4 * KIB;
+    run(bitferry().arg("--store").arg(&store).args([
+        "bitmap",
+        "create",
+        "--disk",
+        "live",
+        "--size",
+        &size.to_string(),
+        "--granularity",
+        &g.to_string(),
+    ]));
+    let mut want = Bitmap::new(Geometry::new(size, g).unwrap());
+    let mut c = bitferry();
+    c.arg("--store")
+        .arg(&store)
+        .args(["bitmap", "mark", "--disk", "live"]);
+    for (o, l) in random_writes(&mut rng, size, 10) {
+        c.arg("--range").arg(format!("{o}:{l}"));
+        want.mark(o, l).unwrap();
+    }
+    run(&mut c);
+    let carrier = dir.join("c.qcow2");
+    run(bitferry()
+        .arg("--store")
+        .arg(&store)
+        .args(["qcow2", "export", "--disk", "live"])
+        .arg(&carrier)
+        .args(["--bitmap", "bm"]));
+
+    let img = dir.join("vm.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        img.to_str().unwrap(),
+        &size.to_string(),
+    ]);
+    let mut d = Daemon::start(&img, &dir.join("q.sock"), false);
+    let q = d.qmp();
+    q.execute(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "carrier", "read-only": true,
+               "file": {"driver": "file", "filename": carrier}}),
+    )
+    .unwrap();
+    q.execute(
+        "block-dirty-bitmap-add",
+        json!({"node": "d", "name": "bm", "granularity": g, "persistent": true, "disabled": true}),
+    )
+    .unwrap();
+    q.execute(
+        "block-dirty-bitmap-merge",
+        json!({"node": "d", "target": "bm", "bitmaps": [{"node": "carrier", "name": "bm"}]}),
+    )
+    .unwrap();
+    q.execute("blockdev-del", json!({"node-name": "carrier"}))
+        .unwrap();
+    assert_eq!(d.sha256("bm"), padded_sha256(&want.to_raw()));
+    // A clean shutdown stores the bitmap; bitferry then reads the same extents.
+    let _ = d.qmp().execute("quit", json!({}));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "daemon did not quit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let e = entry(&list(&img), "bm").clone();
+    assert_eq!(e["state"], "consistent");
+    assert_eq!(e["extents"], extents_json(&want));
+}
