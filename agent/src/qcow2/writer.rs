@@ -318,6 +318,34 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// Any bitmap survives carrier → reader unchanged, whatever mix of zero, all-ones and
+        /// data clusters it makes.
+        #[test]
+        fn any_bitmap_round_trips(
+            size in 1u64..(8u64 << 30),
+            gbits in 9u32..=26,
+            marks in proptest::collection::vec((0.0f64..1.0, 0.0f64..0.3), 0..6),
+        ) {
+            let g = 1u64 << gbits;
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("c.qcow2");
+            let mut b = Bitmap::new(Geometry::new(size, g).unwrap());
+            for (o, l) in marks {
+                let off = (o * size as f64) as u64;
+                let len = ((l * size as f64) as u64).min(size - off);
+                b.mark(off, len).unwrap();
+            }
+            write_carrier(&path, "bm", &b, true).unwrap();
+            let img = Image::open_path(&path).unwrap();
+            let e = img.find("bm").unwrap().clone();
+            proptest::prop_assert!(e.auto());
+            proptest::prop_assert_eq!(img.read_bitmap(&e).unwrap(), b);
+        }
+    }
+
     #[test]
     fn refuses_bad_names() {
         let dir = tempfile::tempdir().unwrap();
