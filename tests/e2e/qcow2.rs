@@ -654,8 +654,29 @@ fn import_and_refusals() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("granularity"));
 
-    // Malformed copies: errors with exit 1, never a panic (exit 101) or a hang.
+    // Autoclear bit 0 cleared (as a program without bitmap support would leave it): every
+    // bitmap is inconsistent, and import refuses with exit 3.
     let good = std::fs::read(&img).unwrap();
+    let stale = dir.join("stale.qcow2");
+    let mut b = good.clone();
+    b[95] &= !1;
+    std::fs::write(&stale, b).unwrap();
+    let listing = list(&stale);
+    assert!(listing["warning"].as_str().unwrap().contains("autoclear"));
+    let e = entry(&listing, "b");
+    assert_eq!(e["state"], "inconsistent");
+    assert!(e["extents"].is_null());
+    let out = bitferry()
+        .arg("--store")
+        .arg(&store)
+        .args(["qcow2", "import"])
+        .arg(&stale)
+        .args(["--bitmap", "b", "--disk", "vm/stale"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+
+    // Malformed copies: errors with exit 1, never a panic (exit 101) or a hang.
     let header_ext_dir = |b: &[u8]| -> usize {
         // Bitmaps extension payload right after the 112-byte header? Find it by type.
         let mut off = 112;

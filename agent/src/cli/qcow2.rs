@@ -108,6 +108,13 @@ fn open_image(path: &Path) -> Result<Image<FileSource>> {
 
 /// Find `name`, or fail listing the names present.
 fn find<'a>(img: &'a Image<FileSource>, path: &Path, name: &str) -> Result<&'a DirEntry> {
+    if let (None, Some(why)) = (img.find(name), &img.stale) {
+        // The stale directory did not even parse: whatever NAME was, it is not trustworthy.
+        return Err(Failure::untrusted(format!(
+            "{}: bitmap {name:?} cannot be trusted: {why}",
+            path.display()
+        )));
+    }
     img.find(name).ok_or_else(|| {
         let names: Vec<_> = img.bitmaps.iter().map(|b| b.name.as_str()).collect();
         anyhow!(
