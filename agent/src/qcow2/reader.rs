@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use wire::{Bitmap, Geometry};
+use wire::{Bitmap, DecodeError, Geometry};
 
 /// Bytes of a bitmap table read per positioned read.
 const TABLE_PIECE: usize = 64 << 10;
@@ -271,10 +271,18 @@ impl<S: Source> Image<S> {
                 e.name
             )));
         }
-        let mut raw = vec![0u8; raw_len];
+        let bad_data = |err: DecodeError| -> ReadError {
+            FormatError::Invalid {
+                what: "bitmap data",
+                detail: format!("bitmap {:?}: {err}", e.name),
+            }
+            .into()
+        };
+        let mut fill = Filler::new(geom);
         let mut piece = Vec::new();
+        let mut cluster = Vec::new();
         let mut done = 0u64;
-        let mut index = 0usize;
+        let mut index = 0u64;
         while done < table_bytes {
             let n = (table_bytes - done).min(TABLE_PIECE as u64);
             piece.resize(n as usize, 0);
@@ -284,21 +292,20 @@ impl<S: Source> Image<S> {
                     u64::from_be_bytes(word.try_into().expect("8 bytes")),
                     cs,
                 )?;
-                let start = (index as u64 * cs).min(raw_len as u64) as usize;
-                let end = ((index as u64 + 1) * cs).min(raw_len as u64) as usize;
-                let dst = &mut raw[start..end];
+                // The table has exactly enough entries, so only the last cluster is short.
+                let start = (index * cs).min(raw_len as u64);
+                let len = ((index + 1) * cs).min(raw_len as u64) - start;
+                let is_last = start + len == raw_len as u64;
                 match entry {
-                    TableEntry::Zeros => {}
-                    TableEntry::Ones => {
-                        dst.fill(0xff);
-                        if end == raw_len && blocks % 8 != 0 {
-                            raw[raw_len - 1] = (1u8 << (blocks % 8)) - 1;
-                        }
+                    TableEntry::Zeros => fill.push_repeat(0, len).map_err(bad_data)?,
+                    TableEntry::Ones if is_last && blocks % 8 != 0 => {
+                        // Clip to the disk: bits past the last block stay zero.
+                        fill.push_repeat(0xff, len - 1).map_err(bad_data)?;
+                        fill.push(&[(1u8 << (blocks % 8)) - 1]).map_err(bad_data)?;
                     }
+                    TableEntry::Ones => fill.push_repeat(0xff, len).map_err(bad_data)?,
                     TableEntry::Data(off) => {
-                        let fits = off
-                            .checked_add(dst.len() as u64)
-                            .is_some_and(|e| e <= self.src.size());
+                        let fits = off.checked_add(len).is_some_and(|e| e <= self.src.size());
                         if !fits {
                             return Err(truncated(format!(
                                 "data cluster {index} of bitmap {:?} at {off:#x} ends past the \
@@ -306,19 +313,85 @@ impl<S: Source> Image<S> {
                                 e.name
                             )));
                         }
-                        self.src.read_exact_at(dst, off)?;
+                        cluster.resize(len as usize, 0);
+                        self.src.read_exact_at(&mut cluster, off)?;
+                        fill.push(&cluster).map_err(bad_data)?;
                     }
                 }
                 index += 1;
             }
             done += n;
         }
-        Bitmap::from_raw(geom, &raw).map_err(|err| {
-            FormatError::Invalid {
-                what: "bitmap data",
-                detail: format!("bitmap {:?}: {err}", e.name),
+        Ok(fill.finish())
+    }
+}
+
+/// Streams raw bitmap bytes into a [`Bitmap`] one wire chunk at a time, so reading holds the
+/// bitmap once, not a second full raw copy beside it.
+struct Filler {
+    bitmap: Bitmap,
+    chunk: usize,
+    buf: Vec<u8>,
+}
+
+impl Filler {
+    fn new(geom: Geometry) -> Self {
+        Filler {
+            bitmap: Bitmap::new(geom),
+            chunk: 0,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Append `bytes`; the caller never pushes past the raw length (the table has exactly
+    /// enough entries).
+    fn push(&mut self, mut bytes: &[u8]) -> Result<(), DecodeError> {
+        while !bytes.is_empty() {
+            let chunk_len = self.bitmap.geometry().chunk_range(self.chunk).len();
+            if chunk_len == 0 {
+                // More bytes than the geometry holds: refuse rather than loop.
+                let raw_len = self.bitmap.geometry().raw_len();
+                return Err(DecodeError::RawLength {
+                    got: raw_len + bytes.len(),
+                    expected: raw_len,
+                });
             }
-            .into()
-        })
+            let take = (chunk_len - self.buf.len()).min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.buf.len() == chunk_len {
+                // A new bitmap is all clean: only chunks with bits need applying.
+                if self.buf.iter().any(|b| *b != 0) {
+                    self.bitmap.apply_chunk_raw(self.chunk, &self.buf, false)?;
+                }
+                self.buf.clear();
+                self.chunk += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Append `len` copies of `byte`.
+    fn push_repeat(&mut self, byte: u8, len: u64) -> Result<(), DecodeError> {
+        let block = [byte; 4096];
+        let mut left = len;
+        while left > 0 {
+            // Whole zero chunks: nothing to copy, the bitmap is already clean there.
+            let chunk_len = self.bitmap.geometry().chunk_range(self.chunk).len() as u64;
+            if byte == 0 && self.buf.is_empty() && left >= chunk_len && chunk_len > 0 {
+                self.chunk += 1;
+                left -= chunk_len;
+                continue;
+            }
+            let n = left.min(block.len() as u64) as usize;
+            self.push(&block[..n])?;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Bitmap {
+        debug_assert!(self.buf.is_empty() && self.chunk == self.bitmap.chunks());
+        self.bitmap
     }
 }
