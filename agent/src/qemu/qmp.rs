@@ -13,6 +13,8 @@ use std::time::Duration;
 /// Longest line accepted from QEMU (a `query-named-block-nodes` reply can be large, but not
 /// this large); guards against a peer that never sends a newline.
 const MAX_LINE: usize = 64 << 20;
+/// Events kept for callers; older ones are dropped so a chatty QEMU cannot grow memory.
+const MAX_EVENTS: usize = 1024;
 
 /// QMP failures.
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +42,7 @@ pub struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     next_id: u64,
-    /// Events received while waiting for replies, oldest first.
+    /// Events received while waiting for replies, oldest first (at most the last 1024).
     pub events: Vec<Value>,
 }
 
@@ -97,6 +99,9 @@ impl Qmp {
         loop {
             let v = self.read_message()?;
             if v.get("event").is_some() {
+                if self.events.len() == MAX_EVENTS {
+                    self.events.remove(0);
+                }
                 self.events.push(v);
                 continue;
             }
