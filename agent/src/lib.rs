@@ -9,6 +9,8 @@ pub mod daemon;
 pub mod exit;
 pub mod local;
 pub mod migrate;
+pub mod qcow2;
+pub mod qemu;
 pub mod report;
 pub mod store;
 pub mod transport;

@@ -5,4 +5,5 @@ mod common;
 
 mod agent_control;
 mod bitmap_cli;
+mod qcow2;
 mod store_crash;
