@@ -122,7 +122,9 @@ enum Queued {
 ///     }
 ///     while let Some(a) = d.poll_action() {
 ///         match a {                                                    // in order:
-///             Action::Commit { meta, bitmap } => { store.commit(meta, bitmap)?; d.committed_durably()? }
+///             Action::Commit { meta, bitmap } => match store.commit(meta, bitmap) {
+///                 Ok(()) => d.committed_durably()?,
+///                 Err(e) => d.commit_failed(&e.to_string())? },
 ///             Action::RebuildNeeded { .. } => start_rebuild(),
 ///             Action::Send(m) / Action::SendPayload(p) => quic.write(..),
 ///             Action::Finished(_) | Action::Failed(_) => stop,
@@ -151,6 +153,7 @@ pub struct DestSession {
     final_root: Option<Root>,
     durable_wait: VecDeque<CommitKind>,
     handed_over: bool,
+    postcopy: bool,
     state: State,
     counting: bool,
     stats: Stats,
@@ -174,6 +177,7 @@ impl DestSession {
             final_root: None,
             durable_wait: VecDeque::new(),
             handed_over: false,
+            postcopy: false,
             state: State::Incomplete,
             counting: false,
             stats: Stats::default(),
@@ -249,7 +253,7 @@ impl DestSession {
         if self.phase == Phase::Done {
             return Err(UsageError::Finished);
         }
-        if self.payload.is_some() {
+        if self.payload.is_some() && !matches!(msg, Message::Abort(_)) {
             self.fail(
                 PeerError::Unexpected {
                     got: msg.name(),
@@ -621,6 +625,7 @@ impl DestSession {
         self.counting = true;
         let epoch_next = self.epoch_next;
         if s.postcopy {
+            self.postcopy = true;
             // docs/protocol.md §5.5: the VM resumes here now, so this host owns the disk from
             // this moment whatever follows; the bitmap stays incomplete until verified.
             self.final_root = Some(s.final_root);
@@ -697,6 +702,38 @@ impl DestSession {
                 root: self.final_root.unwrap_or(Root([0; 32])),
             });
             self.phase = Phase::AwaitRetired;
+        }
+        Ok(())
+    }
+
+    /// The agent could not make the last polled Commit durable. Pre-copy: nothing here is
+    /// durable and the source was not told, so the source keeps the disk (the agent removes
+    /// whatever it wrote at the new epoch). Post-copy: this host owns the disk regardless; it
+    /// stays `incomplete` and a rebuild is requested (docs/protocol.md §6).
+    pub fn commit_failed(&mut self, why: &str) -> Result<(), UsageError> {
+        let Some(kind) = self.durable_wait.pop_front() else {
+            return Err(UsageError::NoCommitPending);
+        };
+        match self.phase {
+            Phase::Done => {}
+            Phase::Owner if kind == CommitKind::Final && !self.postcopy => {
+                self.handed_over = true;
+                self.live = None;
+                self.send(Message::Abort(Abort {
+                    reason: AbortReason::Internal,
+                    detail: BoundedString::truncating(format!(
+                        "destination could not commit: {why}"
+                    )),
+                    dest_owns: false,
+                }));
+                self.push(Action::Finished(Outcome::SourceKeeps));
+                self.phase = Phase::Done;
+            }
+            _ => self.owner_incomplete(
+                format!("store commit failed: {why}"),
+                Some(AbortReason::Internal),
+                None,
+            ),
         }
         Ok(())
     }
@@ -864,11 +901,15 @@ impl DestSession {
     ) {
         self.payload = None;
         self.state = State::Incomplete;
-        self.queue_commit(
-            CommitKind::Terminal,
-            State::Incomplete,
-            Some(reason.clone()),
-        );
+        // After a consistent Commit was polled the agent holds the bitmap and tracks on its
+        // own; there is nothing left here to commit.
+        if self.live.is_some() {
+            self.queue_commit(
+                CommitKind::Terminal,
+                State::Incomplete,
+                Some(reason.clone()),
+            );
+        }
         let disk = self.offer.as_ref().map(|o| o.disk.clone());
         if let Some(disk) = disk {
             self.push(Action::RebuildNeeded {

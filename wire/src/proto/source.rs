@@ -560,6 +560,8 @@ impl SourceSession {
         self.streaming = None;
         let epoch_next = self.epoch + 1;
         let final_root = if postcopy {
+            // Blocks marked again after they were sent need no chunk of their own.
+            let _ = self.pending.subtract(&self.sent);
             let mut live = self.sent.clone();
             let _ = live.merge(&self.pending);
             live.root()

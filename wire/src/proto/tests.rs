@@ -827,6 +827,105 @@ fn a_message_out_of_place_is_a_protocol_error() {
     assert_eq!(d.handle(Message::Accept), Err(UsageError::Finished));
 }
 
+#[test]
+fn local_misuse_is_a_usage_error_and_changes_nothing() {
+    let g = geom();
+    let mut p = Pump::new(
+        source(Bitmap::new(g), 1, Mode::Precopy),
+        DestSession::new(policy(None)),
+    );
+    assert_eq!(
+        p.dst.on_payload(&[1, 2, 3]),
+        Err(UsageError::Payload {
+            expected: 0,
+            got: 3
+        })
+    );
+    assert_eq!(p.dst.committed_durably(), Err(UsageError::NoCommitPending));
+    assert!(matches!(
+        p.dst.mark(0, 1),
+        Err(UsageError::WrongPhase { .. })
+    ));
+    assert!(matches!(
+        p.src.start_round(),
+        Err(UsageError::WrongPhase { .. })
+    ));
+    assert!(matches!(p.src.mark(g.size(), 1), Err(UsageError::Range(_))));
+    p.src.mark_blocks(0, 100).unwrap();
+    for _ in 0..2 {
+        p.step_src(1);
+    }
+    // Bulk is streaming: a new round must wait; post-copy was not offered.
+    assert!(p.src.is_streaming());
+    assert_eq!(p.src.start_round(), Err(UsageError::RoundInProgress(0)));
+    assert_eq!(p.src.switchover(true), Err(UsageError::PostcopyUnavailable));
+    let other = Bitmap::new(Geometry::new(4096, 512).unwrap());
+    assert!(matches!(
+        p.src.local_marks(&other),
+        Err(UsageError::Geometry(_))
+    ));
+    // None of that disturbed the migration.
+    p.run();
+    p.src.switchover(false).unwrap();
+    p.run();
+    assert!(matches!(
+        p.src_outcome(),
+        Some(Outcome::Migrated { epoch: 2, .. })
+    ));
+    let mut want = Bitmap::new(g);
+    want.set_blocks(0, 100);
+    assert_eq!(p.last_commit().1, want);
+    assert_eq!(p.src.abort(), Err(UsageError::Finished));
+}
+
+#[test]
+fn a_failed_store_commit_never_leaves_two_owners() {
+    // Pre-copy: the destination's commit fails before Committed: the source keeps the disk.
+    let mut initial = Bitmap::new(geom());
+    initial.set_blocks(10, 20);
+    let mut p = Pump::new(
+        source(initial.clone(), 1, Mode::Postcopy),
+        DestSession::new(policy(None)),
+    );
+    p.run();
+    p.auto_durable = false;
+    p.src.switchover(false).unwrap();
+    p.run();
+    assert_eq!(p.commits.len(), 1);
+    p.dst.commit_failed("disk full").unwrap();
+    p.run();
+    assert_eq!(p.dst_outcome(), Some(Outcome::SourceKeeps));
+    assert_eq!(p.src_outcome(), Some(Outcome::SourceKeeps));
+    assert!(p.retired.is_none());
+
+    // Post-copy: the destination owns regardless; it stays incomplete and rebuilds.
+    let mut p = Pump::new(
+        source(initial, 1, Mode::Postcopy),
+        DestSession::new(policy(None)),
+    );
+    p.run();
+    p.auto_durable = false;
+    p.src.mark_blocks(500, 600).unwrap();
+    p.src.switchover(true).unwrap();
+    p.run();
+    assert_eq!(
+        p.commits.len(),
+        2,
+        "ownership commit, then the consistent one"
+    );
+    p.dst.committed_durably().unwrap(); // the incomplete ownership commit made it
+    p.dst.commit_failed("disk full").unwrap();
+    p.run();
+    assert_eq!(
+        p.dst_outcome(),
+        Some(Outcome::DestOwnsIncomplete { epoch: 2 })
+    );
+    assert_eq!(p.src_outcome(), Some(Outcome::HandedOver));
+    assert_eq!(p.rebuilds.len(), 1);
+    assert!(p.retired.is_none());
+    assert_eq!(p.dst.state(), State::Incomplete);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Aborts at every phase
 
