@@ -608,6 +608,16 @@ impl SourceSession {
         self.unacked.is_empty()
     }
 
+    /// The disk being migrated.
+    pub fn disk(&self) -> &DiskId {
+        &self.disk
+    }
+
+    /// The source's ownership epoch (the destination will own at this + 1).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// This host's name as sent in Hello.
     pub fn host(&self) -> &str {
         self.host.as_str()
