@@ -1227,6 +1227,128 @@ mod fuzz {
         commits
     }
 
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A write on the source (before switchover) or the destination (after).
+        Write(u64, u64),
+        /// Start a pre-copy round if possible.
+        Round,
+        /// Move at most this many source actions and deliver.
+        Step(usize),
+        /// Switch over (post-copy if true) if not yet done.
+        Switch(bool),
+        /// The link dies.
+        Lost,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (any::<u64>(), 1u64..20_000).prop_map(|(o, l)| Op::Write(o, l)),
+            2 => Just(Op::Round),
+            4 => (1usize..6).prop_map(Op::Step),
+            1 => any::<bool>().prop_map(Op::Switch),
+            1 => Just(Op::Lost),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+
+        /// Random interleavings of writes, rounds, partial delivery, switchover (either mode)
+        /// and link loss. Whatever happens: at most one owner; a consistent commit is exactly
+        /// source writes ∪ destination writes; no commit invents a bit; local marks are never
+        /// dropped; the source retires only after a consistent commit.
+        #[test]
+        fn random_migrations_keep_the_safety_rule(
+            ops in prop::collection::vec(op(), 1..40),
+            slice in 1usize..20_000,
+        ) {
+            let g = geom();
+            let mut src_truth = Bitmap::new(g);
+            let mut initial = Bitmap::new(g);
+            initial.set_blocks(1000, 1200);
+            src_truth.set_blocks(1000, 1200);
+            let mut p = Pump::new(source(initial, 3, Mode::Postcopy), DestSession::new(policy(Some(1))));
+            p.slice = slice;
+            let mut dst_truth = Bitmap::new(g);
+            let mut switched = false;
+            let mut lost = false;
+            for op in ops {
+                if lost {
+                    break;
+                }
+                match op {
+                    Op::Write(o, l) => {
+                        let o = o % g.size();
+                        let l = l.min(g.size() - o);
+                        if !switched {
+                            p.src.mark(o, l).unwrap();
+                            src_truth.mark(o, l).unwrap();
+                        } else if p.dst.mark(o, l).is_ok() {
+                            dst_truth.mark(o, l).unwrap();
+                        }
+                    }
+                    Op::Round => { let _ = p.src.start_round(); }
+                    Op::Step(n) => p.step_src(n),
+                    Op::Switch(pc) => {
+                        if !switched && p.src.switchover(pc).is_ok() {
+                            switched = true;
+                        }
+                    }
+                    Op::Lost => {
+                        p.pull_src(usize::MAX);
+                        p.pull_dst();
+                        let _ = p.src.peer_lost();
+                        let _ = p.dst.peer_lost();
+                        p.pull_src(usize::MAX);
+                        p.pull_dst();
+                        lost = true;
+                    }
+                }
+            }
+            if !lost {
+                p.run();
+                if !switched {
+                    p.src.switchover(false).unwrap();
+                }
+                p.run();
+            }
+            let mut union = src_truth.clone();
+            union.merge(&dst_truth).unwrap();
+            for (meta, bm) in &p.commits {
+                prop_assert_eq!(meta.epoch, 4);
+                let mut extra = bm.clone();
+                extra.subtract(&union).unwrap();
+                prop_assert!(extra.is_clean(), "commit invented bits");
+                if meta.state == State::Consistent {
+                    prop_assert_eq!(bm, &union);
+                }
+            }
+            // Local marks made before the last commit are in it.
+            if let Some((_, last)) = p.commits.last()
+                && p.dst.mark(0, 1).is_err()
+            {
+                let mut missing = dst_truth.clone();
+                missing.subtract(last).unwrap();
+                prop_assert!(missing.is_clean(), "local marks dropped");
+            }
+            let s = p.src_outcome();
+            let d = p.dst_outcome();
+            if let (Some(s), Some(d)) = (s, d) {
+                prop_assert!(!(s.source_owns() && d.dest_owns()), "two owners: {:?} {:?}", s, d);
+            }
+            if p.retired.is_some() {
+                prop_assert!(p.commits.iter().any(|(m, _)| m.state == State::Consistent));
+                let dest_migrated = matches!(d, Some(Outcome::Migrated { .. }));
+                prop_assert!(dest_migrated, "retired but dest ended {:?}", d);
+            }
+            if !lost {
+                prop_assert!(s.is_some() && d.is_some(), "both sides end: {:?} {:?}", s, d);
+                prop_assert!(p.retired.is_some());
+            }
+        }
+    }
+
     thread_local! {
         static GOOD: (Vec<u8>, Bitmap) = transcript();
     }
