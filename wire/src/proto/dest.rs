@@ -147,6 +147,8 @@ pub struct DestSession {
     src: Option<Bitmap>,
     /// After switchover: `src` ∪ local marks, the bitmap this host owns.
     live: Option<Bitmap>,
+    /// Local marks made after Accept and before switchover.
+    early: Option<Bitmap>,
     round: u32,
     payload: Option<Pending>,
     epoch_next: u64,
@@ -171,6 +173,7 @@ impl DestSession {
             offer: None,
             src: None,
             live: None,
+            early: None,
             round: 0,
             payload: None,
             epoch_next: 0,
@@ -630,6 +633,7 @@ impl DestSession {
             // this moment whatever follows; the bitmap stays incomplete until verified.
             self.final_root = Some(s.final_root);
             self.live = self.src.clone();
+            self.adopt_early();
             self.round += 1;
             self.phase = Phase::PostCopy;
             self.state = State::Incomplete;
@@ -684,10 +688,19 @@ impl DestSession {
         // docs/protocol.md §5.4: verified; take ownership at epoch + 1.
         self.final_root = Some(s.final_root);
         self.live = self.src.take();
+        self.adopt_early();
         self.state = State::Consistent;
         self.stats.rounds += 1;
         self.queue_commit(CommitKind::Final, State::Consistent, None);
         self.phase = Phase::Owner;
+    }
+
+    /// Fold marks made before switchover into the bitmap this host now owns.
+    fn adopt_early(&mut self) {
+        if let (Some(live), Some(early)) = (self.live.as_mut(), self.early.take()) {
+            // Same geometry by construction.
+            let _ = live.merge(&early);
+        }
     }
 
     /// The agent made the last polled Commit durable (fsync done).
@@ -822,6 +835,7 @@ impl DestSession {
         self.queue.clear();
         self.src = None;
         self.live = None;
+        self.early = None;
         self.payload = None;
     }
 
@@ -934,44 +948,41 @@ impl DestSession {
         self.phase = Phase::Done;
     }
 
-    fn check_marks(&self, op: &'static str) -> Result<&'static str, UsageError> {
-        if self.live.is_some() && !self.handed_over {
-            Ok(op)
-        } else {
-            Err(UsageError::WrongPhase {
-                op,
-                phase: if self.handed_over {
-                    "tracking was handed to the store"
-                } else {
-                    "not the owner yet"
-                },
-            })
+    /// Where local marks go: the owned bitmap after switchover, or — between Accept and
+    /// switchover, when the VM may already write here (post-copy resumes before the Switchover
+    /// message arrives) — a side bitmap merged into the owned one at switchover.
+    fn mark_target(&mut self, op: &'static str) -> Result<&mut Bitmap, UsageError> {
+        let refuse = |phase| Err(UsageError::WrongPhase { op, phase });
+        if self.handed_over {
+            return refuse("tracking was handed to the store");
+        }
+        if self.live.is_some() {
+            return self.live.as_mut().map_or(refuse("not the owner"), Ok);
+        }
+        match (self.phase, self.offer.as_ref()) {
+            (Phase::Receiving, Some(o)) => {
+                let g = o.geom;
+                Ok(self.early.get_or_insert_with(|| Bitmap::new(g)))
+            }
+            _ => refuse("no disk accepted yet"),
         }
     }
 
-    /// A local write touched bytes `offset .. offset+len` (after switchover, until the agent
-    /// takes over tracking with the final Commit).
+    /// A local write touched bytes `offset .. offset+len`. Accepted from Accept until the agent
+    /// takes over tracking with the final Commit; marks made before switchover are discarded if
+    /// the session ends without this host owning the disk.
     pub fn mark(&mut self, offset: u64, len: u64) -> Result<u64, UsageError> {
-        self.check_marks("mark")?;
-        match self.live.as_mut() {
-            Some(l) => Ok(l.mark(offset, len)?),
-            None => Ok(0),
-        }
+        Ok(self.mark_target("mark")?.mark(offset, len)?)
     }
 
     /// Local writes touched blocks `first .. end`.
     pub fn mark_blocks(&mut self, first: u64, end: u64) -> Result<u64, UsageError> {
-        self.check_marks("mark_blocks")?;
-        Ok(self.live.as_mut().map_or(0, |l| l.set_blocks(first, end)))
+        Ok(self.mark_target("mark_blocks")?.set_blocks(first, end))
     }
 
     /// OR a bitmap of local marks in.
     pub fn local_marks(&mut self, marks: &Bitmap) -> Result<(), UsageError> {
-        self.check_marks("local_marks")?;
-        match self.live.as_mut() {
-            Some(l) => Ok(l.merge(marks)?),
-            None => Ok(()),
-        }
+        Ok(self.mark_target("local_marks")?.merge(marks)?)
     }
 
     /// Trust state of what this host holds: `incomplete` until every chunk and the final root

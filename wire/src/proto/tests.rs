@@ -394,6 +394,10 @@ fn postcopy_merges_verified_source_chunks_with_local_marks() {
         &mut src_truth,
     );
     p.src.switchover(true).unwrap();
+    // The VM may resume (and write) on the destination before the Switchover message arrives.
+    let mut local = Bitmap::new(g);
+    p.dst.mark_blocks(33, 35).unwrap();
+    local.set_blocks(33, 35);
     // Deliver only the Switchover: the destination owns now and tracks locally at once.
     p.step_src(1);
     assert!(p.dst.owns());
@@ -401,7 +405,7 @@ fn postcopy_merges_verified_source_chunks_with_local_marks() {
     assert_eq!(p.commits.len(), 1);
     assert_eq!(p.commits[0].0.state, State::Incomplete);
     assert_eq!(p.commits[0].0.epoch, 2);
-    let mut local = Bitmap::new(g);
+    assert!(p.commits[0].1.is_set(33) && p.commits[0].1.is_set(34));
     let dst = &mut p.dst;
     random_marks(
         &mut rng,
@@ -1233,6 +1237,8 @@ mod fuzz {
         Write(u64, u64),
         /// Start a pre-copy round if possible.
         Round,
+        /// A write on the destination, whatever the phase (the session takes it or refuses).
+        DestWrite(u64, u64),
         /// Move at most this many source actions and deliver.
         Step(usize),
         /// Switch over (post-copy if true) if not yet done.
@@ -1244,6 +1250,7 @@ mod fuzz {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             4 => (any::<u64>(), 1u64..20_000).prop_map(|(o, l)| Op::Write(o, l)),
+            1 => (any::<u64>(), 1u64..20_000).prop_map(|(o, l)| Op::DestWrite(o, l)),
             2 => Just(Op::Round),
             4 => (1usize..6).prop_map(Op::Step),
             1 => any::<bool>().prop_map(Op::Switch),
@@ -1285,6 +1292,13 @@ mod fuzz {
                             p.src.mark(o, l).unwrap();
                             src_truth.mark(o, l).unwrap();
                         } else if p.dst.mark(o, l).is_ok() {
+                            dst_truth.mark(o, l).unwrap();
+                        }
+                    }
+                    Op::DestWrite(o, l) => {
+                        let o = o % g.size();
+                        let l = l.min(g.size() - o);
+                        if p.dst.mark(o, l).is_ok() {
                             dst_truth.mark(o, l).unwrap();
                         }
                     }
