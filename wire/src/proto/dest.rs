@@ -996,6 +996,11 @@ impl DestSession {
         self.phase.owns() || (self.phase == Phase::Done && self.final_root.is_some())
     }
 
+    /// What the session is doing, in words (for status displays and logs).
+    pub fn phase(&self) -> &'static str {
+        self.phase.name()
+    }
+
     /// Bytes and rounds so far.
     pub fn stats(&self) -> Stats {
         self.stats

@@ -588,6 +588,11 @@ impl SourceSession {
         Ok(())
     }
 
+    /// What the session is doing, in words (for status displays and logs).
+    pub fn phase(&self) -> &'static str {
+        self.phase.name()
+    }
+
     /// Bytes and rounds so far.
     pub fn stats(&self) -> Stats {
         self.stats
