@@ -5,5 +5,6 @@ mod common;
 
 mod agent_control;
 mod bitmap_cli;
+mod migrate;
 mod qcow2;
 mod store_crash;

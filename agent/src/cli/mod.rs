@@ -9,6 +9,7 @@ pub mod bench;
 pub mod bitmap;
 pub mod cert;
 pub mod demo;
+pub mod migrate;
 pub mod output;
 pub mod qcow2;
 pub mod units;
@@ -86,6 +87,8 @@ pub enum Command {
     /// Cluster CA and host certificates for mutual TLS between agents.
     #[command(subcommand)]
     Cert(cert::CertCmd),
+    /// Migrate a disk's tracking to another agent (one-shot, or phase by phase).
+    Migrate(migrate::MigrateArgs),
     /// Read and write QEMU qcow2 persistent bitmaps.
     #[command(subcommand)]
     Qcow2(qcow2::Qcow2Cmd),
@@ -116,8 +119,10 @@ pub fn dispatch(ctx: &Ctx, req: Request) -> anyhow::Result<serde_json::Value> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BITFERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),
@@ -143,6 +148,7 @@ pub fn main() -> ExitCode {
         Command::Status => agent::status(&ctx),
         Command::Shutdown => agent::shutdown(&ctx),
         Command::Cert(c) => cert::run(&ctx, c),
+        Command::Migrate(a) => migrate::run(&ctx, a),
         Command::Qcow2(c) => qcow2::run(&ctx, c),
     };
     match result {

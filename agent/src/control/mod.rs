@@ -76,6 +76,9 @@ pub enum Request {
         to: String,
         /// Name to verify the destination's certificate against (default: HOST).
         server_name: Option<String>,
+        /// Limit on the migration stream, bytes per second (unlimited when absent).
+        #[serde(default)]
+        rate: Option<u64>,
     },
     /// `migrate switchover`: the VM is paused; switch over.
     MigrateSwitchover {

@@ -66,7 +66,8 @@ async fn connection(s: UnixStream, shared: Shared, net: Arc<Net>, stop: Arc<Noti
                 disk,
                 to,
                 server_name,
-            }) => to_response(start_migration(&shared, &net, disk, &to, server_name).await),
+                rate,
+            }) => to_response(start_migration(&shared, &net, disk, &to, server_name, rate).await),
             Ok(req) => {
                 let shutdown = matches!(req, Request::Shutdown);
                 let shared = shared.clone();
@@ -96,6 +97,7 @@ async fn start_migration(
     disk: wire::DiskId,
     to: &str,
     server_name: Option<String>,
+    rate: Option<u64>,
 ) -> anyhow::Result<serde_json::Value> {
     let addr = tokio::net::lookup_host(to)
         .await
@@ -107,7 +109,15 @@ async fn start_migration(
         .map_or(to, |(h, _)| h)
         .trim_matches(|c| c == '[' || c == ']');
     let server_name = server_name.unwrap_or_else(|| host.to_string());
-    crate::migrate::source::start(shared, &net.endpoint, &net.name, disk, addr, server_name)
+    crate::migrate::source::start(
+        shared,
+        &net.endpoint,
+        &net.name,
+        disk,
+        addr,
+        server_name,
+        rate,
+    )
 }
 
 fn to_response(r: anyhow::Result<serde_json::Value>) -> Response {

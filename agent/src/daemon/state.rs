@@ -152,6 +152,17 @@ impl AgentState {
         self.store.remove(disk)
     }
 
+    /// Undo a destination commit that could not be completed, if the disk is held at `epoch`
+    /// (the failed commit's): the source keeps ownership.
+    pub fn forget_epoch(&mut self, disk: &DiskId, epoch: u64) {
+        if self.disks.get(disk).is_some_and(|t| t.meta.epoch == epoch) {
+            self.disks.remove(disk);
+            if let Err(e) = self.store.remove(disk) {
+                tracing::error!(%disk, error = %e, "could not remove a partial commit");
+            }
+        }
+    }
+
     /// A post-copy was cut short: the disk stays `incomplete` with its local marks until a
     /// rebuild against the checkpoint's reference completes.
     pub fn rebuild_needed(&mut self, disk: &DiskId, reason: &str) {

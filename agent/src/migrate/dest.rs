@@ -74,8 +74,18 @@ async fn serve(conn: Connection, shared: Shared) -> Result<()> {
                         let _ = bitmap.mark(o, l);
                     }
                     let state = meta.state;
+                    let (disk, epoch) = (meta.disk.clone(), meta.epoch);
                     if let Err(e) = commit(&shared, meta, bitmap) {
-                        break 'session Err(e);
+                        tracing::error!(%disk, error = %format!("{e:#}"), "could not commit the migrated bitmap");
+                        if !owns {
+                            // Pre-copy: the source keeps the disk; drop whatever we wrote.
+                            shared
+                                .lock()
+                                .expect("state lock")
+                                .forget_epoch(&disk, epoch);
+                        }
+                        session.commit_failed(&format!("{e:#}"))?;
+                        continue;
                     }
                     owns = true;
                     session.committed_durably()?;

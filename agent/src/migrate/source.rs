@@ -29,6 +29,7 @@ pub fn start(
     disk: DiskId,
     to: SocketAddr,
     server_name: String,
+    rate: Option<u64>,
 ) -> Result<serde_json::Value> {
     let mut st = shared.lock().expect("state lock");
     if let Some(m) = st.migrations.get(&disk)
@@ -76,6 +77,7 @@ pub fn start(
         disk: disk.clone(),
         status: status.clone(),
         peer: to.to_string(),
+        pacer: Pacer::new(rate),
     };
     let endpoint = endpoint.clone();
     tokio::spawn(async move {
@@ -98,6 +100,36 @@ struct Task {
     disk: DiskId,
     status: Arc<Mutex<Status>>,
     peer: String,
+    pacer: Pacer,
+}
+
+/// Keeps the migration stream at or below a byte rate (so a migration does not starve the VM's
+/// own migration traffic on the same link).
+struct Pacer {
+    rate: Option<u64>,
+    start: tokio::time::Instant,
+    sent: std::sync::atomic::AtomicU64,
+}
+
+impl Pacer {
+    fn new(rate: Option<u64>) -> Self {
+        Pacer {
+            rate: rate.filter(|r| *r > 0),
+            start: tokio::time::Instant::now(),
+            sent: 0.into(),
+        }
+    }
+
+    /// Account for `bytes` about to be sent and wait until the rate allows them.
+    async fn pace(&self, bytes: usize) {
+        let Some(rate) = self.rate else { return };
+        let total = self
+            .sent
+            .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed)
+            + bytes as u64;
+        let due = self.start + Duration::from_secs_f64(total as f64 / rate as f64);
+        tokio::time::sleep_until(due).await;
+    }
 }
 
 impl Task {
@@ -130,8 +162,17 @@ impl Task {
         let mut marked_since_round = false;
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         let mut switched = false;
+        let mut net_open = true;
         let end: Outcome = 'session: loop {
-            while let Some(a) = session.poll_action() {
+            // Commands and peer messages first, so marks and a switchover interleave with a long
+            // bulk stream (the session produces chunks lazily, one per poll).
+            while let Ok(cmd) = cmds.try_recv() {
+                self.on_cmd(&mut session, Some(cmd), &mut marked_since_round)?;
+            }
+            while net_open && let Ok(ev) = net.try_recv() {
+                net_open = self.on_net(&mut session, Some(ev))?;
+            }
+            if let Some(a) = session.poll_action() {
                 match a {
                     Action::Send(Message::Switchover(sw)) => {
                         self.hand_over(&format!(
@@ -148,7 +189,12 @@ impl Task {
                         });
                         send(&mut w, Action::Send(Message::Switchover(sw))).await?;
                     }
-                    a @ (Action::Send(_) | Action::SendPayload(_)) => send(&mut w, a).await?,
+                    a @ (Action::Send(_) | Action::SendPayload(_)) => {
+                        if let Action::SendPayload(p) = &a {
+                            self.pacer.pace(p.len()).await;
+                        }
+                        send(&mut w, a).await?
+                    }
                     Action::Retire { disk, epoch } => self.retire(&disk, epoch)?,
                     Action::Finished(o) => break 'session o,
                     Action::Failed(f) => {
@@ -157,54 +203,22 @@ impl Task {
                     }
                     Action::Commit { .. } | Action::RebuildNeeded { .. } => {}
                 }
+                self.report(&session, switched, marked_since_round);
+                continue;
             }
-            let stats = session.stats();
-            self.set(|s| {
-                s.stats = stats;
-                if !switched && s.phase != "failed" {
-                    s.phase = if stats.rounds == 0 {
-                        "bulk"
-                    } else {
-                        "pre-copy"
-                    };
-                }
-                s.converged = !switched
-                    && stats.rounds >= 1
-                    && session.rounds_acked()
-                    && !session.is_streaming()
-                    && !marked_since_round;
-            });
+            self.report(&session, switched, marked_since_round);
             tokio::select! {
-                ev = net.recv() => match ev {
-                    Some(NetEvent::Item(wire::proto::Incoming::Message(m))) => session.handle(m)?,
-                    Some(NetEvent::Item(wire::proto::Incoming::Payload(_))) => {
-                        session.on_frame_error(wire::proto::FrameError::Malformed("unexpected payload from the destination".into()))?
-                    }
-                    Some(NetEvent::Bad(e)) => session.on_frame_error(e)?,
-                    Some(NetEvent::Lost(why)) => {
-                        tracing::info!(disk = %self.disk, %why, "migration stream ended");
-                        session.peer_lost()?
-                    }
-                    None => session.peer_lost()?,
-                },
-                cmd = cmds.recv() => match cmd {
-                    Some(Cmd::Mark(ranges)) => {
-                        for (o, l) in ranges {
-                            // After switchover the VM runs on the destination; a late mark here
-                            // is already in the local copy, which is no longer authoritative.
-                            if let Err(e) = session.mark(o, l) {
-                                tracing::warn!(disk = %self.disk, error = %e, "mark not sent to the destination");
-                            }
-                        }
-                        marked_since_round = true;
-                    }
-                    Some(Cmd::Switchover { postcopy }) => session.switchover(postcopy)?,
-                    Some(Cmd::Abort) | None => session.abort()?,
-                },
+                ev = net.recv(), if net_open => net_open = self.on_net(&mut session, ev)?,
+                cmd = cmds.recv() => self.on_cmd(&mut session, cmd, &mut marked_since_round)?,
                 _ = tick.tick() => {
                     // Keep pre-copy rounds going while the VM writes: a new round as soon as
                     // the previous one is acknowledged and there is something to send.
-                    if !switched && marked_since_round && session.rounds_acked() && !session.is_streaming() && session.round() >= 1 {
+                    if !switched
+                        && marked_since_round
+                        && session.rounds_acked()
+                        && !session.is_streaming()
+                        && session.round() >= 1
+                    {
                         session.start_round()?;
                         marked_since_round = false;
                     }
@@ -215,6 +229,75 @@ impl Task {
         // Orderly close: everything we sent is received, then close.
         let _ = tokio::time::timeout(Duration::from_secs(5), w.finish()).await;
         conn.close(crate::transport::endpoint::CLOSE_OK, "done");
+        Ok(())
+    }
+
+    fn report(&self, session: &SourceSession, switched: bool, marked_since_round: bool) {
+        let stats = session.stats();
+        self.set(|s| {
+            s.stats = stats;
+            if !switched && s.phase != "failed" {
+                s.phase = if stats.rounds == 0 {
+                    "bulk"
+                } else {
+                    "pre-copy"
+                };
+            }
+            s.converged = !switched
+                && stats.rounds >= 1
+                && session.rounds_acked()
+                && !session.is_streaming()
+                && !marked_since_round;
+        });
+    }
+
+    /// Feed a network event to the session; returns whether the stream is still open.
+    fn on_net(&self, session: &mut SourceSession, ev: Option<NetEvent>) -> Result<bool> {
+        match ev {
+            Some(NetEvent::Item(wire::proto::Incoming::Message(m))) => session.handle(m)?,
+            Some(NetEvent::Item(wire::proto::Incoming::Payload(_))) => {
+                session.on_frame_error(wire::proto::FrameError::Malformed(
+                    "unexpected payload from the destination".into(),
+                ))?;
+                return Ok(false);
+            }
+            Some(NetEvent::Bad(e)) => {
+                session.on_frame_error(e)?;
+                return Ok(false);
+            }
+            Some(NetEvent::Lost(why)) => {
+                tracing::info!(disk = %self.disk, %why, "migration stream ended");
+                session.peer_lost()?;
+                return Ok(false);
+            }
+            None => {
+                session.peer_lost()?;
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn on_cmd(
+        &self,
+        session: &mut SourceSession,
+        cmd: Option<Cmd>,
+        marked_since_round: &mut bool,
+    ) -> Result<()> {
+        match cmd {
+            Some(Cmd::Mark(ranges)) => {
+                for (o, l) in ranges {
+                    // After switchover the VM runs on the destination; a late mark here is
+                    // already in the local copy, which is no longer authoritative.
+                    if let Err(e) = session.mark(o, l) {
+                        tracing::warn!(disk = %self.disk, error = %e, "mark not sent to the destination");
+                    }
+                }
+                *marked_since_round = true;
+            }
+            Some(Cmd::Switchover { postcopy }) => session.switchover(postcopy)?,
+            Some(Cmd::Abort) | None => session.abort()?,
+        }
         Ok(())
     }
 
