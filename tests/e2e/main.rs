@@ -5,4 +5,5 @@ mod common;
 
 mod agent_control;
 mod bitmap_cli;
+mod cert;
 mod store_crash;
