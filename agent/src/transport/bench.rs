@@ -89,7 +89,9 @@ pub async fn bulk(
             let mut ack = count.to_le_bytes().to_vec();
             ack.extend_from_slice(&digest);
             s.send_frame(&ack).await?;
-            s.finish().await?;
+            // Not `finish().await`: the client may close as soon as it has read this, before
+            // acknowledging it at the QUIC level.
+            s.writer.quinn().finish()?;
             // The client closes after reading the acknowledgement.
             let _ = conn.closed().await;
             Ok::<_, TransportError>(())
