@@ -156,6 +156,35 @@ impl Endpoint {
         })
     }
 
+    /// An endpoint over any datagram socket (the simulator's lossy network, for one), optionally
+    /// listening, with a fixed RNG seed for reproducible runs. The socket must drop packets it
+    /// cannot send instead of failing (quinn treats send errors as fatal).
+    pub fn with_socket(
+        socket: Arc<dyn quinn::AsyncUdpSocket>,
+        runtime: Arc<dyn quinn::Runtime>,
+        tls: &TlsIdentity,
+        opts: TransportOptions,
+        listen: bool,
+        rng_seed: Option<[u8; 32]>,
+    ) -> Result<Self, TransportError> {
+        let transport = Arc::new(opts.transport_config()?);
+        let server = if listen {
+            let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls.server_config()?));
+            server.transport_config(transport.clone());
+            Some(server)
+        } else {
+            None
+        };
+        let mut config = quinn::EndpointConfig::default();
+        config.rng_seed(rng_seed);
+        let mut inner = quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)?;
+        inner.set_default_client_config(client_config(tls, transport)?);
+        Ok(Endpoint {
+            inner,
+            opts: Arc::new(opts),
+        })
+    }
+
     /// The bound address (useful after binding port 0).
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
         Ok(self.inner.local_addr()?)

@@ -443,3 +443,27 @@ async fn bulk_bench_moves_and_verifies_bytes() {
         assert!(run.mib_per_s() > 0.0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_over_an_abstract_socket_with_a_seed() {
+    use quinn::Runtime;
+    let ids = ephemeral_cluster(&["dst", "src"]).unwrap();
+    let std_socket = std::net::UdpSocket::bind(local()).unwrap();
+    let socket = quinn::TokioRuntime.wrap_udp_socket(std_socket).unwrap();
+    let server = Endpoint::with_socket(
+        socket,
+        std::sync::Arc::new(quinn::TokioRuntime),
+        &ids[0],
+        TransportOptions::default(),
+        true,
+        Some([7; 32]),
+    )
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let s = server.clone();
+    let accepted = tokio::spawn(async move { s.accept().await.unwrap().establish().await });
+    let client = Endpoint::client(&ids[1], TransportOptions::default()).unwrap();
+    let conn = client.connect(addr, "127.0.0.1").await.unwrap();
+    assert_eq!(conn.peer_name(), "dst");
+    assert_eq!(accepted.await.unwrap().unwrap().peer_name(), "src");
+}
