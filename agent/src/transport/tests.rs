@@ -77,6 +77,8 @@ async fn mtls_frames_and_payloads_round_trip() {
             let len = u32::from_le_bytes(header[..4].try_into().unwrap()) as usize;
             let got = s.recv_payload(len).await.unwrap();
             assert_eq!(got, payload);
+            // A small payload usually arrives as one chunk (the no-copy path).
+            assert_eq!(&s.recv_payload(5).await.unwrap()[..], b"tail!");
             assert_eq!(s.recv_frame().await.unwrap(), None, "clean end of stream");
             s.send_frame(b"ack").await.unwrap();
             s.finish().await.unwrap();
@@ -95,6 +97,7 @@ async fn mtls_frames_and_payloads_round_trip() {
         .await
         .unwrap();
     s.send_payload(payload.clone()).await.unwrap();
+    s.send_payload(Bytes::from_static(b"tail!")).await.unwrap();
     s.finish().await.unwrap();
     assert_eq!(s.recv_frame().await.unwrap().as_deref(), Some(&b"ack"[..]));
     let server_conn = receiver.await.unwrap();
@@ -466,4 +469,30 @@ async fn endpoint_over_an_abstract_socket_with_a_seed() {
     let conn = client.connect(addr, "127.0.0.1").await.unwrap();
     assert_eq!(conn.peer_name(), "dst");
     assert_eq!(accepted.await.unwrap().unwrap().peer_name(), "src");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_to_nobody_times_out_clearly() {
+    let ids = ephemeral_cluster(&["src"]).unwrap();
+    // A bound UDP socket that never answers.
+    let silent = std::net::UdpSocket::bind(local()).unwrap();
+    let opts = TransportOptions {
+        handshake_timeout: std::time::Duration::from_millis(300),
+        ..TransportOptions::default()
+    };
+    let client = Endpoint::client(&ids[0], opts).unwrap();
+    let err = client
+        .connect(silent.local_addr().unwrap(), "localhost")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TransportError::Timeout {
+                what: "the QUIC handshake",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
