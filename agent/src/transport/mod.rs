@@ -19,7 +19,7 @@ pub mod tls;
 
 pub use endpoint::{Connection, Endpoint, Incoming, TransportOptions};
 pub use error::TransportError;
-pub use stream::{FrameReader, FrameWriter, FramedStream};
+pub use stream::{FrameReader, FrameWriter, FramedStream, Limits};
 pub use tls::TlsIdentity;
 
 #[cfg(test)]

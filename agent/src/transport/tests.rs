@@ -240,22 +240,29 @@ async fn oversized_frame_is_refused_before_allocating() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frame_and_payload_limits_are_configurable() {
     let opts = TransportOptions {
-        max_frame: 1024,
+        limits: Limits {
+            max_frame: 1024,
+            max_payload: 2048,
+        },
         ..TransportOptions::default()
     };
     let (_client, _c, mut cs, _sc, mut ss) = stream_pair(opts, &1024u32.to_le_bytes()).await;
     // Exactly the maximum passes; one more is refused on both sides.
     cs.writer.quinn().write_all(&[1; 1024]).await.unwrap();
     assert_eq!(ss.recv_frame().await.unwrap().unwrap().len(), 1024);
+    // Payloads have their own limit, here above the frame limit.
+    cs.send_payload(Bytes::from(vec![2; 2048])).await.unwrap();
+    assert_eq!(ss.recv_payload(2048).await.unwrap().len(), 2048);
     assert!(matches!(
         cs.send_frame(&[0; 1025]).await,
         Err(TransportError::TooLarge { len: 1025, .. })
     ));
     assert!(matches!(
-        ss.recv_payload(1025).await,
+        ss.recv_payload(2049).await,
         Err(TransportError::TooLarge {
             what: "payload",
-            ..
+            len: 2049,
+            max: 2048
         })
     ));
 }
@@ -438,12 +445,14 @@ async fn bulk_bench_moves_and_verifies_bytes() {
         bench::Mode::RawBlake3,
         bench::Mode::FramedBlake3,
     ] {
-        // Not a multiple of the chunk size, to exercise the partial last chunk.
-        let run = bench::bulk(&ids[0], &ids[1], &opts, (4 << 20) + 12345, mode)
-            .await
-            .unwrap();
-        assert_eq!(run.bytes, (4 << 20) + 12345);
-        assert!(run.mib_per_s() > 0.0);
+        for chunk in [bench::CHUNK, 64 << 10] {
+            // Not a multiple of the chunk size, to exercise the partial last chunk.
+            let run = bench::bulk(&ids[0], &ids[1], &opts, (4 << 20) + 12345, chunk, mode)
+                .await
+                .unwrap();
+            assert_eq!(run.bytes, (4 << 20) + 12345);
+            assert!(run.mib_per_s() > 0.0);
+        }
     }
 }
 
