@@ -6,4 +6,5 @@ mod common;
 mod agent_control;
 mod bitmap_cli;
 mod cert;
+mod qcow2;
 mod store_crash;

@@ -140,10 +140,57 @@ impl Bitmap {
 
     /// Runs of dirty blocks as `(first, end)` block indices, end exclusive.
     pub fn runs(&self) -> Runs<'_> {
+        self.runs_in(0, self.geom.blocks())
+    }
+
+    /// Runs of dirty blocks within blocks `lo .. hi`, clipped to that window. Scans only the
+    /// words of the window, so walking a large bitmap window by window stays linear.
+    pub fn runs_in(&self, lo: u64, hi: u64) -> Runs<'_> {
+        let hi = hi.min(self.geom.blocks());
         Runs {
-            words: &self.words,
-            pos: 0,
-            blocks: self.geom.blocks(),
+            words: &self.words[..(hi.div_ceil(64) as usize).min(self.words.len())],
+            pos: lo.min(hi),
+            blocks: hi,
+        }
+    }
+
+    /// Clear every bit that is set in `other` (`self &= !other`). Both must have the same
+    /// geometry. The migration source uses it to keep only the *newly* set bits of a round.
+    pub fn subtract(&mut self, other: &Bitmap) -> Result<(), GeometryMismatch> {
+        if self.geom != other.geom {
+            return Err(GeometryMismatch {
+                ours: self.geom,
+                theirs: other.geom,
+            });
+        }
+        for (c, (mine, theirs)) in self
+            .words
+            .chunks_mut(WORDS_PER_CHUNK)
+            .zip(other.words.chunks(WORDS_PER_CHUNK))
+            .enumerate()
+        {
+            let mut changed = false;
+            for (a, b) in mine.iter_mut().zip(theirs) {
+                changed |= *a & *b != 0;
+                *a &= !*b;
+            }
+            if changed {
+                self.tree.invalidate(c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Clear every bit of chunk `i` (no-op past the last chunk).
+    pub fn clear_chunk(&mut self, i: usize) {
+        if i >= self.chunks() {
+            return;
+        }
+        let start = i * WORDS_PER_CHUNK;
+        let end = (start + WORDS_PER_CHUNK).min(self.words.len());
+        if self.words[start..end].iter().any(|w| *w != 0) {
+            self.words[start..end].fill(0);
+            self.tree.invalidate(i);
         }
     }
 

@@ -4,12 +4,17 @@
 //! canonical byte form ([`bitmap`]), the chunked hash tree whose root is `blake3(raw bytes)`
 //! ([`tree`]), and the per-chunk transfer/storage encodings ([`chunk`]). The agent, the simulator
 //! and the tests all build on these.
+//!
+//! [`proto`] holds the migration protocol: messages, framing and the sans-IO sessions.
+
+#![forbid(unsafe_code)]
 
 pub mod bitmap;
 pub mod chunk;
 pub mod disk;
 pub mod error;
 pub mod geometry;
+pub mod proto;
 pub mod tree;
 
 pub use bitmap::{Bitmap, Extent};

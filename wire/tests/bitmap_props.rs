@@ -157,3 +157,41 @@ fn geometry_limits() {
     assert!(Geometry::new(u64::MAX, 512).is_err());
     assert!(Geometry::new(1 << 40, 4096).is_ok());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    /// `runs_in`, `subtract` and `clear_chunk` (used by the migration source) against the
+    /// run model, with the root kept equal to blake3 of the raw bytes.
+    #[test]
+    fn windowed_runs_subtract_and_clear_chunk(g in geometry(), ms in marks(), ms2 in marks(),
+                                               w in (0.0f64..1.0, 0.0f64..1.0)) {
+        let mut a = Bitmap::new(g);
+        let mut b = Bitmap::new(g);
+        for m in &ms { let (o, l) = to_range(&g, *m); a.mark(o, l).unwrap(); }
+        for m in &ms2 { let (o, l) = to_range(&g, *m); b.mark(o, l).unwrap(); }
+        let blocks = g.blocks();
+        let (x, y) = ((w.0 * blocks as f64) as u64, (w.1 * blocks as f64) as u64);
+        let (lo, hi) = (x.min(y), x.max(y));
+        let want: Vec<_> = a.runs()
+            .filter(|(s, e)| *e > lo && *s < hi)
+            .map(|(s, e)| (s.max(lo), e.min(hi)))
+            .collect();
+        prop_assert_eq!(a.runs_in(lo, hi).collect::<Vec<_>>(), want);
+
+        let mut d = a.clone();
+        d.subtract(&b).unwrap();
+        for blk in (0..blocks).step_by((blocks / 997).max(1) as usize) {
+            prop_assert_eq!(d.is_set(blk), a.is_set(blk) && !b.is_set(blk));
+        }
+        prop_assert_eq!(d.count() + { let mut i = a.clone(); i.subtract(&d).unwrap(); i.count() }, a.count());
+        prop_assert_eq!(d.root().0, *blake3::hash(&d.to_raw()).as_bytes());
+
+        let c = (w.0 * d.chunks() as f64) as usize;
+        d.clear_chunk(c);
+        let mut raw = Vec::new();
+        d.chunk_raw(c, &mut raw);
+        prop_assert!(raw.iter().all(|x| *x == 0));
+        prop_assert_eq!(d.root().0, *blake3::hash(&d.to_raw()).as_bytes());
+    }
+}

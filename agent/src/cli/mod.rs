@@ -10,6 +10,7 @@ pub mod bitmap;
 pub mod cert;
 pub mod demo;
 pub mod output;
+pub mod qcow2;
 pub mod units;
 
 use crate::control::Request;
@@ -85,6 +86,9 @@ pub enum Command {
     /// Cluster CA and host certificates for mutual TLS between agents.
     #[command(subcommand)]
     Cert(cert::CertCmd),
+    /// Read and write QEMU qcow2 persistent bitmaps.
+    #[command(subcommand)]
+    Qcow2(qcow2::Qcow2Cmd),
 }
 
 /// Shared context handed to every command.
@@ -139,6 +143,7 @@ pub fn main() -> ExitCode {
         Command::Status => agent::status(&ctx),
         Command::Shutdown => agent::shutdown(&ctx),
         Command::Cert(c) => cert::run(&ctx, c),
+        Command::Qcow2(c) => qcow2::run(&ctx, c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
