@@ -5,6 +5,7 @@ mod common;
 
 mod agent_control;
 mod bitmap_cli;
+mod cert;
 mod migrate;
 mod qcow2;
 mod store_crash;

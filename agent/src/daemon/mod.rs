@@ -52,6 +52,11 @@ async fn serve(config: Config) -> Result<()> {
         idle_timeout: Duration::from_millis(config.transport.idle_timeout_ms),
         keep_alive: Duration::from_millis(config.transport.keep_alive_ms),
         disable_gso: config.transport.disable_gso,
+        // The protocol's own bounds (docs/protocol.md §3), so the transport refuses the same.
+        limits: crate::transport::stream::Limits {
+            max_frame: wire::proto::MAX_FRAME,
+            max_payload: wire::proto::MAX_PAYLOAD,
+        },
         ..Default::default()
     };
     let endpoint = crate::transport::Endpoint::server(config.listen, &tls, opts)
