@@ -3,4 +3,5 @@
 //! [`cli::main`].
 
 pub mod cli;
+pub mod rebuild;
 pub mod store;

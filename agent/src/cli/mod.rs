@@ -7,7 +7,9 @@
 pub mod bench;
 pub mod bitmap;
 pub mod demo;
+pub mod manifest;
 pub mod output;
+pub mod rebuild;
 pub mod units;
 
 use crate::store::StoreError;
@@ -66,6 +68,11 @@ pub enum Command {
     Bench(bench::BenchCmd),
     /// A narrated tour on this machine, in a temporary directory.
     Demo(demo::DemoArgs),
+    /// Per-block BLAKE3 manifests of backup images (the cheap reference for `rebuild`).
+    #[command(subcommand)]
+    Manifest(manifest::ManifestCmd),
+    /// Rebuild a lost bitmap by comparing the live image with a backup or a manifest.
+    Rebuild(rebuild::RebuildArgs),
 }
 
 /// A failure with a specific exit code and message.
@@ -121,6 +128,8 @@ pub fn main() -> ExitCode {
         Command::Bitmap(c) => bitmap::run(&ctx, c),
         Command::Bench(c) => bench::run(&ctx, c),
         Command::Demo(a) => demo::run(&ctx, a),
+        Command::Manifest(c) => manifest::run(&ctx, c),
+        Command::Rebuild(a) => rebuild::run(&ctx, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
