@@ -16,15 +16,17 @@
 use super::RebuildError;
 use super::holes::Holes;
 use super::manifest::{ENTRY, Manifest};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
 /// Default bytes per read.
-pub const SEGMENT_BYTES: u64 = 8 << 20;
+pub const SEGMENT_BYTES: u64 = 1 << 20;
 
 /// What the live image is compared against.
 #[derive(Debug)]
@@ -120,6 +122,29 @@ const SKIP: u8 = 0;
 const HOLE: u8 = 1;
 const DATA: u8 = 2;
 
+/// Segments a worker may run ahead of the in-order delivery.
+const WINDOW: u64 = 16;
+
+/// What the workers share.
+struct Shared<'a> {
+    start: u64,
+    seg_blocks: u64,
+    segments: u64,
+    zeros: &'a ZeroHashes,
+    bucket: Option<&'a Mutex<TokenBucket>>,
+    next: &'a AtomicU64,
+    delivered: &'a AtomicU64,
+    stop: &'a AtomicBool,
+}
+
+/// One segment's verdicts.
+struct Verdicts {
+    dirty: Vec<bool>,
+    hashes: Vec<[u8; 32]>,
+    bytes_read: u64,
+}
+
+#[derive(Default)]
 struct Buf {
     first_block: u64,
     nblocks: usize,
@@ -253,9 +278,10 @@ impl Scan<'_> {
         mut sink: impl FnMut(&Segment<'_>) -> Result<(), RebuildError>,
     ) -> Result<ScanEnd, RebuildError> {
         let g = self.options.granularity;
-        let seg_blocks = (self.options.segment_bytes / g).max(1) as usize;
+        let seg_blocks = (self.options.segment_bytes / g).max(1);
         let total = self.total_blocks();
         let start = self.options.start_block.min(total);
+        let segments = (total - start).div_ceil(seg_blocks);
         let ref_size = self.reference.size();
         let zeros = ZeroHashes::new(&[
             g as usize,
@@ -266,61 +292,70 @@ impl Scan<'_> {
             ),
             block_len(ref_size, g, ref_size.div_ceil(g).saturating_sub(1)),
         ]);
-        let (full_tx, full_rx) = sync_channel::<Result<Buf, RebuildError>>(2);
-        let (free_tx, free_rx) = sync_channel::<Buf>(4);
+        let workers = self.options.workers.max(1);
+        let bucket = self.options.rate.map(|r| Mutex::new(TokenBucket::new(r)));
+        let next = AtomicU64::new(0);
+        let delivered = AtomicU64::new(0);
+        let stop = AtomicBool::new(false);
+        let (tx, rx) = sync_channel::<(u64, Result<Verdicts, RebuildError>)>(WINDOW as usize);
+        let shared = Shared {
+            start,
+            seg_blocks,
+            segments,
+            zeros: &zeros,
+            bucket: bucket.as_ref(),
+            next: &next,
+            delivered: &delivered,
+            stop: &stop,
+        };
         std::thread::scope(|s| {
-            let reader =
-                s.spawn(move || self.read_loop(start, total, seg_blocks, full_tx, free_rx));
-            let mut dirty = vec![false; seg_blocks];
-            let mut hashes = vec![
-                [0u8; 32];
-                if self.options.want_hashes {
-                    seg_blocks
-                } else {
-                    0
-                }
-            ];
-            let mut cursor = start;
+            let mut handles = Vec::new();
+            for _ in 0..workers {
+                let tx = tx.clone();
+                let shared = &shared;
+                handles.push(s.spawn(move || self.worker(shared, tx)));
+            }
+            drop(tx);
+            // Deliver in order; keep early arrivals until their turn.
+            let mut pending = BTreeMap::new();
+            let mut done = 0u64;
             let mut outcome = Ok(());
-            for msg in full_rx.iter() {
-                let buf = match msg {
-                    Ok(b) => b,
+            for (k, r) in rx.iter() {
+                match r {
+                    Ok(v) => {
+                        pending.insert(k, v);
+                    }
                     Err(e) => {
                         outcome = Err(e);
                         break;
                     }
-                };
-                let n = buf.nblocks;
-                let want = self.options.want_hashes;
-                self.judge_parallel(
-                    &buf,
-                    &zeros,
-                    &mut dirty[..n],
-                    &mut hashes[..if want { n } else { 0 }],
-                );
-                let seg = Segment {
-                    first_block: buf.first_block,
-                    dirty: &dirty[..n],
-                    hashes: &hashes[..if want { n } else { 0 }],
-                    bytes_read: buf.bytes_read,
-                };
-                if let Err(e) = sink(&seg) {
-                    outcome = Err(e);
+                }
+                while let Some(v) = pending.remove(&done) {
+                    let seg = Segment {
+                        first_block: start + done * seg_blocks,
+                        dirty: &v.dirty,
+                        hashes: &v.hashes,
+                        bytes_read: v.bytes_read,
+                    };
+                    if let Err(e) = sink(&seg) {
+                        outcome = Err(e);
+                        break;
+                    }
+                    done += 1;
+                    delivered.store(done, Ordering::Release);
+                }
+                if outcome.is_err() {
                     break;
                 }
-                cursor = seg.end_block();
-                // The reader may have stopped (cancel): a failed send just drops the buffer.
-                let _ = free_tx.try_send(buf);
             }
-            // Unblock and stop the reader whatever happened.
-            drop(full_rx);
-            drop(free_tx);
-            let reader_result = reader.join();
+            stop.store(true, Ordering::Relaxed);
+            drop(rx);
+            let panicked = handles.into_iter().any(|h| h.join().is_err());
             outcome?;
-            match reader_result {
-                Ok(()) => {}
-                Err(_) => return Err(RebuildError::Worker("reader thread panicked".into())),
+            if panicked {
+                return Err(RebuildError::Worker("scan thread panicked".into()));
             }
+            let cursor = (start + done * seg_blocks).min(total);
             Ok(ScanEnd {
                 cursor_block: cursor,
                 cancelled: cursor < total,
@@ -328,48 +363,52 @@ impl Scan<'_> {
         })
     }
 
-    fn read_loop(
-        &self,
-        start: u64,
-        total: u64,
-        seg_blocks: usize,
-        full_tx: SyncSender<Result<Buf, RebuildError>>,
-        free_rx: Receiver<Buf>,
-    ) {
-        let g = self.options.granularity;
+    /// One worker: claim the next segment, read it and judge its blocks while the data is still
+    /// in this core's cache, send the verdicts. Workers stay within [`WINDOW`] segments of the
+    /// delivery point so memory stays bounded whatever the scheduling.
+    fn worker(&self, sh: &Shared<'_>, tx: SyncSender<(u64, Result<Verdicts, RebuildError>)>) {
         let mut live_holes = Holes::new(self.live_size);
         let mut ref_holes = Holes::new(self.reference.size());
-        let mut bucket = self.options.rate.map(TokenBucket::new);
-        let mut first = start;
-        while first < total {
-            if self.cancel.load(Ordering::Relaxed) {
+        let mut buf = Buf::default();
+        let total = self.total_blocks();
+        loop {
+            if self.cancel.load(Ordering::Relaxed) || sh.stop.load(Ordering::Relaxed) {
                 return;
             }
-            let mut buf = free_rx.try_recv().unwrap_or_else(|_| Buf {
-                first_block: 0,
-                nblocks: 0,
-                live: Vec::new(),
-                live_state: Vec::new(),
-                refd: Vec::new(),
-                ref_state: Vec::new(),
-                entries: Vec::new(),
-                bytes_read: 0,
-            });
-            let n = seg_blocks.min((total - first) as usize);
-            let r = self.fill(
-                &mut buf,
-                first,
-                n,
-                &mut live_holes,
-                &mut ref_holes,
-                bucket.as_mut(),
-            );
+            let k = sh.next.fetch_add(1, Ordering::Relaxed);
+            if k >= sh.segments {
+                return;
+            }
+            while k >= sh.delivered.load(Ordering::Acquire) + WINDOW {
+                if sh.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            let first = sh.start + k * sh.seg_blocks;
+            let n = sh.seg_blocks.min(total - first) as usize;
+            let r = self
+                .fill(
+                    &mut buf,
+                    first,
+                    n,
+                    &mut live_holes,
+                    &mut ref_holes,
+                    sh.bucket,
+                )
+                .map(|()| {
+                    let mut v = Verdicts {
+                        dirty: vec![false; n],
+                        hashes: vec![[0u8; 32]; if self.options.want_hashes { n } else { 0 }],
+                        bytes_read: buf.bytes_read,
+                    };
+                    self.judge(&buf, sh.zeros, 0, &mut v.dirty, &mut v.hashes);
+                    v
+                });
             let failed = r.is_err();
-            if full_tx.send(r.map(|()| buf)).is_err() || failed {
+            if tx.send((k, r)).is_err() || failed {
                 return;
             }
-            first += n as u64;
-            let _ = g;
         }
     }
 
@@ -380,7 +419,7 @@ impl Scan<'_> {
         n: usize,
         live_holes: &mut Holes,
         ref_holes: &mut Holes,
-        mut bucket: Option<&mut TokenBucket>,
+        bucket: Option<&Mutex<TokenBucket>>,
     ) -> Result<(), RebuildError> {
         let g = self.options.granularity;
         let gu = g as usize;
@@ -435,20 +474,14 @@ impl Scan<'_> {
             first,
             &buf.live_state,
             &mut buf.live,
-            &mut bucket,
+            bucket,
         )?;
         if let Reference::Backup { file, size, .. } = self.reference {
             if buf.refd.len() < span {
                 buf.refd.resize(span, 0);
             }
-            buf.bytes_read += self.read_runs(
-                file,
-                *size,
-                first,
-                &buf.ref_state,
-                &mut buf.refd,
-                &mut bucket,
-            )?;
+            buf.bytes_read +=
+                self.read_runs(file, *size, first, &buf.ref_state, &mut buf.refd, bucket)?;
         }
         if let Reference::Manifest(m) = self.reference {
             let have = m.blocks().saturating_sub(first).min(n as u64) as usize;
@@ -467,7 +500,7 @@ impl Scan<'_> {
         first: u64,
         states: &[u8],
         out: &mut [u8],
-        bucket: &mut Option<&mut TokenBucket>,
+        bucket: Option<&Mutex<TokenBucket>>,
     ) -> Result<u64, RebuildError> {
         let g = self.options.granularity;
         let mut total = 0u64;
@@ -484,8 +517,10 @@ impl Scan<'_> {
             let off = (first + i as u64) * g;
             let end = ((first + j as u64) * g).min(size);
             let len = (end - off) as usize;
-            if let Some(b) = bucket.as_deref_mut() {
-                b.take(len as u64, self.cancel);
+            if let Some(b) = bucket {
+                b.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take(len as u64, self.cancel);
             }
             let dst = &mut out[i * g as usize..i * g as usize + len];
             file.read_exact_at(dst, off).map_err(|e| {
@@ -507,37 +542,6 @@ impl Scan<'_> {
             i = j;
         }
         Ok(total)
-    }
-
-    fn judge_parallel(
-        &self,
-        buf: &Buf,
-        zeros: &ZeroHashes,
-        dirty: &mut [bool],
-        hashes: &mut [[u8; 32]],
-    ) {
-        let n = buf.nblocks;
-        let workers = self.options.workers.clamp(1, n.max(1));
-        let per = n.div_ceil(workers);
-        if workers == 1 {
-            self.judge(buf, zeros, 0, dirty, hashes);
-            return;
-        }
-        std::thread::scope(|s| {
-            let mut hash_chunks = hashes.chunks_mut(per);
-            let mut handles = Vec::new();
-            for (k, d) in dirty.chunks_mut(per).enumerate() {
-                let h = hash_chunks.next().unwrap_or(&mut []);
-                if k + 1 == workers.min(n.div_ceil(per)) {
-                    self.judge(buf, zeros, k * per, d, h);
-                } else {
-                    handles.push(s.spawn(move || self.judge(buf, zeros, k * per, d, h)));
-                }
-            }
-            for h in handles {
-                h.join().expect("judge thread does not panic");
-            }
-        });
     }
 
     /// Decide blocks `from .. from + dirty.len()` of the segment.
