@@ -1,1 +1,3 @@
+mod rebuild;
+
 fn main() {}

@@ -32,6 +32,9 @@ pub struct RebuildBenchArgs {
     /// Measured repetitions of each figure (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub iterations: usize,
+    /// Repetitions of the cold-cache figures (0 skips them).
+    #[arg(long, default_value_t = 1)]
+    pub cold_iterations: usize,
     /// Directory for the temporary images (about 2.5x --size of disk space).
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     pub dir: std::path::PathBuf,
@@ -65,6 +68,7 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<()> {
                 iterations: a.iterations,
                 dir: a.dir,
                 seed: 1,
+                cold_iterations: a.cold_iterations,
             };
             print(ctx.json, &crate::rebuild::bench::run(&p)?);
             Ok(())
