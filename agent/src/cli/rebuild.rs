@@ -173,11 +173,19 @@ pub fn run(ctx: &Ctx, a: RebuildArgs) -> Result<()> {
             bitmap.merge(&marks)?;
             meta.state = State::Consistent;
             meta.reason = None;
+            // Keep the disk's checkpoint id only when nothing says the reference is another
+            // backup; a known, different manifest root means the result counts from this
+            // reference, so it is named after it.
+            let id = match prior.as_ref().and_then(|m| m.checkpoint.as_ref()) {
+                Some(c)
+                    if c.manifest_root.is_none() || c.manifest_root == outcome.reference_root =>
+                {
+                    c.id.clone()
+                }
+                _ => ref_name.clone(),
+            };
             meta.checkpoint = Some(Checkpoint {
-                id: prior
-                    .as_ref()
-                    .and_then(|m| m.checkpoint.as_ref())
-                    .map_or(ref_name.clone(), |c| c.id.clone()),
+                id,
                 manifest_root: outcome.reference_root,
             });
             store.commit(&mut meta, &mut bitmap)?;

@@ -385,8 +385,13 @@ impl RebuildJob {
             };
             if let Some(s) = &resume {
                 let usable = match &mut f {
-                    Some(f) => Self::replay_hashes(f, s.hashes, s.cursor_block, &mut hasher)
-                        .map_err(|e| RebuildError::io(&hp, e))?,
+                    Some(f) => Self::replay_hashes(
+                        f,
+                        s.hashes,
+                        s.cursor_block.min(self.reference.size().div_ceil(g)),
+                        &mut hasher,
+                    )
+                    .map_err(|e| RebuildError::io(&hp, e))?,
                     None => true,
                 };
                 if usable {
@@ -557,16 +562,16 @@ impl RebuildJob {
         })
     }
 
-    /// Re-feed the first `cursor` persisted reference hashes to `hasher`; false when the side
-    /// file does not hold them (then the job starts over).
+    /// Re-feed the `expected` persisted reference hashes to `hasher`; false when the state and
+    /// the side file disagree about them (then the job starts over).
     fn replay_hashes(
         f: &mut File,
         persisted: u64,
-        cursor: u64,
+        expected: u64,
         hasher: &mut blake3::Hasher,
     ) -> std::io::Result<bool> {
         let len = f.metadata()?.len();
-        if persisted.checked_mul(32).is_none_or(|n| n > len) || persisted > cursor {
+        if persisted != expected || persisted.checked_mul(32).is_none_or(|n| n > len) {
             return Ok(false);
         }
         f.set_len(persisted * 32)?;
