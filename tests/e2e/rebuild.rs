@@ -349,11 +349,12 @@ fn bad_references_are_refused_before_any_scan() {
 
 /// Mark through the CLI, retrying while another command (the rebuild's last step) holds the
 /// store.
-fn mark(store: &Path, disk: &str, off: u64, len: u64) {
+fn mark(store: &Path, disk: &str, off: u64, len: u64) -> String {
     let range = format!("{off}:{len}");
     let t = Instant::now();
     loop {
         let out = run(&[
+            "--json",
             "--store",
             s(store),
             "bitmap",
@@ -364,7 +365,8 @@ fn mark(store: &Path, disk: &str, off: u64, len: u64) {
             &range,
         ]);
         if out.status.success() {
-            return;
+            let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+            return v["state"].as_str().unwrap_or_default().to_string();
         }
         assert_eq!(
             out.status.code(),
@@ -446,6 +448,7 @@ fn writes_marked_during_a_rebuild_are_in_the_result() {
         let f = OpenOptions::new().write(true).open(&live).unwrap();
         let mut writes = 0;
         let mut during = 0;
+        let mut marked_rebuilding = 0;
         let t = Instant::now();
         while t.elapsed() < Duration::from_millis(2500) {
             let off = rng.random_range(0..size);
@@ -453,10 +456,13 @@ fn writes_marked_during_a_rebuild_are_in_the_result() {
             let mut d = vec![0u8; len as usize];
             rng.fill(&mut d[..]);
             f.write_all_at(&d, off).unwrap();
-            mark(&store, "vm/w", off, len);
+            let state = mark(&store, "vm/w", off, len);
             writes += 1;
             if child.try_wait().unwrap().is_none() {
                 during += 1;
+            }
+            if state == "rebuilding" {
+                marked_rebuilding += 1;
             }
         }
         let out = child.wait_with_output().unwrap();
@@ -471,6 +477,10 @@ fn writes_marked_during_a_rebuild_are_in_the_result() {
             "only {during} of {writes} writes landed during the scan"
         );
         assert!(v["marked_during_scan"].as_u64().unwrap() > 0);
+        assert!(
+            marked_rebuilding > 0,
+            "bitmap mark kept the rebuilding state"
+        );
         let shown = json(&[
             "--json",
             "--store",
@@ -597,4 +607,74 @@ fn killed_rebuild_resumes_from_its_state_file() {
     assert_eq!(v["state"], "consistent");
     assert!(!state.exists(), "state file removed once committed");
     let _: PathBuf = state;
+}
+
+#[test]
+fn rebuild_replaces_an_untrusted_entry_and_keeps_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let (backup, live) = (dir.path().join("b"), dir.path().join("l"));
+    std::fs::write(&backup, vec![1u8; 1 << 20]).unwrap();
+    let mut l = vec![1u8; 1 << 20];
+    l[300_000] = 2;
+    std::fs::write(&live, &l).unwrap();
+    json(&[
+        "--json",
+        "--store",
+        s(&store),
+        "bitmap",
+        "create",
+        "--disk",
+        "vm/c",
+        "--size",
+        "1M",
+        "--granularity",
+        "64K",
+        "--checkpoint",
+        "backup-7",
+    ]);
+    // Damage the stored file: the entry becomes inconsistent.
+    let file = std::fs::read_dir(&store)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "bfb"))
+        .expect("store file");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&file, bytes).unwrap();
+    let shown = json(&[
+        "--json",
+        "--store",
+        s(&store),
+        "bitmap",
+        "show",
+        "--disk",
+        "vm/c",
+    ]);
+    assert_eq!(shown["state"], "inconsistent");
+    let v = json(&[
+        "--json",
+        "--store",
+        s(&store),
+        "rebuild",
+        "--image",
+        s(&live),
+        "--backup",
+        s(&backup),
+        "--granularity",
+        "64K",
+        "--disk",
+        "vm/c",
+    ]);
+    assert_eq!(v["state"], "consistent");
+    assert_eq!(v["checkpoint"], "backup-7");
+    assert_eq!(v["epoch"], 1);
+    assert_eq!(extents(&v), vec![(262_144, 65_536)]);
+    let out = run(&["--store", s(&store), "bitmap", "verify", "--disk", "vm/c"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

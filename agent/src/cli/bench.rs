@@ -33,7 +33,7 @@ pub struct RebuildBenchArgs {
     #[arg(long, default_value_t = 3)]
     pub iterations: usize,
     /// Repetitions of the cold-cache figures (0 skips them).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 3)]
     pub cold_iterations: usize,
     /// Directory for the temporary images (about 2.5x --size of disk space).
     #[arg(long, default_value_os_t = std::env::temp_dir())]
