@@ -121,7 +121,8 @@ fn rebuilt_extents_equal_differing_blocks() {
     for seed in seeds(24) {
         println!("seed {seed} (replay with BITFERRY_REBUILD_SEED={seed})");
         let mut rng = StdRng::seed_from_u64(seed);
-        let g = grans[rng.random_range(0..grans.len())];
+        // Consecutive seeds walk through every granularity.
+        let g = grans[(seed % grans.len() as u64) as usize];
         let size = rng.random_range(1..=(8u64 << 20));
         let dir = tempfile::tempdir().unwrap();
         let (backup, live) = (dir.path().join("backup"), dir.path().join("live"));
