@@ -241,9 +241,5 @@ fn run_job(ctx: &Ctx, job: RebuildJob) -> Result<Outcome> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let r = h
-        .thread
-        .join()
-        .map_err(|_| anyhow::anyhow!("rebuild thread panicked"))?;
-    Ok(r?)
+    Ok(h.join()?)
 }

@@ -194,6 +194,15 @@ pub struct JobHandle {
     pub thread: std::thread::JoinHandle<Result<Outcome, RebuildError>>,
 }
 
+impl JobHandle {
+    /// Wait for the job to end.
+    pub fn join(self) -> Result<Outcome, RebuildError> {
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(RebuildError::Worker("rebuild thread panicked".into())))
+    }
+}
+
 fn mtime_ns(m: &std::fs::Metadata) -> i128 {
     use std::os::unix::fs::MetadataExt;
     i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())

@@ -321,4 +321,30 @@ mod tests {
         refuse(b, "magic");
         refuse(good[..10].to_vec(), "header");
     }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let seed: u64 = rand::random();
+        println!("seed {seed}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..300 {
+            let mut b = vec![0u8; rng.random_range(0..300)];
+            rng.fill(&mut b[..]);
+            if rng.random_bool(0.7) && b.len() >= 12 {
+                b[..8].copy_from_slice(MAGIC);
+                b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+            }
+            if rng.random_bool(0.5) && b.len() >= 40 {
+                // A huge claimed block count must be refused, not allocated.
+                b[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
+            }
+            let p = write(dir.path(), "r", &b);
+            assert!(
+                Manifest::open(&p).is_err(),
+                "seed {seed}: random bytes accepted"
+            );
+        }
+    }
 }
