@@ -11,6 +11,7 @@ pub mod local;
 pub mod migrate;
 pub mod qcow2;
 pub mod qemu;
+pub mod rebuild;
 pub mod report;
 pub mod store;
 pub mod transport;

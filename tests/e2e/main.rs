@@ -8,4 +8,5 @@ mod bitmap_cli;
 mod cert;
 mod migrate;
 mod qcow2;
+mod rebuild;
 mod store_crash;

@@ -19,6 +19,28 @@ pub enum BenchCmd {
     /// Raw quinn bulk throughput over loopback with mutual TLS (the migration baseline), with
     /// BLAKE3 per 1 MiB, and through framed header + payload.
     Quic(QuicArgs),
+    /// Rebuild throughput: manifest mode vs a plain read, vs backup mode, and a 90%-holes image.
+    Rebuild(RebuildBenchArgs),
+}
+
+/// `bench rebuild` arguments.
+#[derive(Debug, Args)]
+pub struct RebuildBenchArgs {
+    /// Image size (at least 4G for the reported figures).
+    #[arg(long, value_parser = parse_size, default_value = "4G")]
+    pub size: u64,
+    /// Granularity.
+    #[arg(long, value_parser = parse_size, default_value = "64K")]
+    pub granularity: u64,
+    /// Measured repetitions of each figure (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub iterations: usize,
+    /// Repetitions of the cold-cache figures (0 skips them).
+    #[arg(long, default_value_t = 3)]
+    pub cold_iterations: usize,
+    /// Directory for the temporary images (about 2.5x --size of disk space).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    pub dir: std::path::PathBuf,
 }
 
 /// `bench root` arguments.
@@ -61,6 +83,18 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Root(a) => root(ctx, a),
         BenchCmd::Quic(a) => quic(ctx, a),
+        BenchCmd::Rebuild(a) => {
+            let p = crate::rebuild::bench::BenchParams {
+                size: a.size,
+                granularity: a.granularity,
+                iterations: a.iterations,
+                dir: a.dir,
+                seed: 1,
+                cold_iterations: a.cold_iterations,
+            };
+            print(ctx.json, &crate::rebuild::bench::run(&p)?);
+            Ok(())
+        }
     }
 }
 

@@ -11,7 +11,11 @@ pub mod cert;
 pub mod demo;
 pub mod migrate;
 pub mod output;
+
+pub mod manifest;
 pub mod qcow2;
+
+pub mod rebuild;
 pub mod units;
 
 use crate::control::Request;
@@ -92,6 +96,11 @@ pub enum Command {
     /// Read and write QEMU qcow2 persistent bitmaps.
     #[command(subcommand)]
     Qcow2(qcow2::Qcow2Cmd),
+    /// Per-block BLAKE3 manifests of backup images (the cheap reference for `rebuild`).
+    #[command(subcommand)]
+    Manifest(manifest::ManifestCmd),
+    /// Rebuild a lost bitmap by comparing the live image with a backup or a manifest.
+    Rebuild(rebuild::RebuildArgs),
 }
 
 /// Shared context handed to every command.
@@ -150,6 +159,8 @@ pub fn main() -> ExitCode {
         Command::Cert(c) => cert::run(&ctx, c),
         Command::Migrate(a) => migrate::run(&ctx, a),
         Command::Qcow2(c) => qcow2::run(&ctx, c),
+        Command::Manifest(c) => manifest::run(&ctx, c),
+        Command::Rebuild(a) => rebuild::run(&ctx, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

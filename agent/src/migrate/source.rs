@@ -253,6 +253,11 @@ impl Task {
 
     /// Feed a network event to the session; returns whether the stream is still open.
     fn on_net(&self, session: &mut SourceSession, ev: Option<NetEvent>) -> Result<bool> {
+        if session_over(session) {
+            // Its last actions (Retire, Finished) are still queued; the peer closing now is
+            // the normal end, not news for the session.
+            return Ok(false);
+        }
         match ev {
             Some(NetEvent::Item(wire::proto::Incoming::Message(m))) => session.handle(m)?,
             Some(NetEvent::Item(wire::proto::Incoming::Payload(_))) => {
@@ -284,6 +289,9 @@ impl Task {
         cmd: Option<Cmd>,
         marked_since_round: &mut bool,
     ) -> Result<()> {
+        if session_over(session) {
+            return Ok(());
+        }
         match cmd {
             Some(Cmd::Mark(ranges)) => {
                 for (o, l) in ranges {
@@ -362,4 +370,9 @@ impl Task {
         });
         Ok(())
     }
+}
+
+/// Whether the session has reached its end (its final actions may still be queued).
+fn session_over(session: &SourceSession) -> bool {
+    session.phase() == "finished"
 }
