@@ -18,21 +18,7 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
 
-/// The bitferry binary next to this test executable (`<target>/debug/deps/e2e-*`).
-fn bitferry() -> Command {
-    let exe = std::env::current_exe().expect("test exe path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/debug")
-        .join("bitferry");
-    assert!(
-        bin.exists(),
-        "{} missing: run `cargo build -p agent --bin bitferry` first",
-        bin.display()
-    );
-    Command::new(bin)
-}
+use crate::common::bitferry;
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("spawn");

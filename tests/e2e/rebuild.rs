@@ -8,25 +8,10 @@ use serde_json::Value;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-fn bitferry() -> Command {
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("<target>/<profile>/deps")
-        .join("bitferry");
-    assert!(
-        bin.exists(),
-        "{} missing: cargo build --bin bitferry first",
-        bin.display()
-    );
-    let mut c = Command::new(bin);
-    c.env_remove("BITFERRY_STORE").env("BITFERRY_LOG", "warn");
-    c
-}
+use crate::common::bitferry;
 
 fn run(args: &[&str]) -> Output {
     bitferry().args(args).output().expect("spawn bitferry")
