@@ -149,6 +149,20 @@ fn precopy_with_marks_during_rounds_moves_ownership_with_the_same_root() {
     let want_root = truth.root().to_hex();
     assert_eq!(done["root"], want_root.as_str());
     assert_eq!(done["epoch"], 2);
+    assert_eq!(
+        done["state"], "consistent",
+        "the report names the destination's state"
+    );
+    for k in [
+        "rounds",
+        "bytes_total",
+        "bytes_during_switchover",
+        "seconds",
+        "root",
+        "state",
+    ] {
+        assert!(!done[k].is_null(), "migrate report lacks {k}: {done}");
+    }
     let d = p.dst.json(&["bitmap", "show", "--disk", "vm/d"]);
     assert_eq!(d["root"], want_root.as_str(), "destination root differs");
     assert_eq!(d["epoch"], 2);

@@ -58,7 +58,8 @@ pub struct Status {
     pub stats: Stats,
     /// The final root, once verified.
     pub root: Option<String>,
-    /// State of the disk's bitmap on this host after the migration.
+    /// State of the disk's bitmap after the migration: on a source that completed, the
+    /// destination's committed state (the local copy is retired); otherwise this host's.
     pub state: Option<wire::State>,
     /// The destination's epoch after switchover.
     pub epoch: Option<u64>,

@@ -332,7 +332,9 @@ impl Task {
                 }
                 Some(State::Recording)
             }
-            Outcome::Migrated { .. } => None,
+            // The destination committed it durably and said so (Committed): that bitmap, the
+            // only copy left, is consistent. Ours is retired.
+            Outcome::Migrated { .. } => Some(State::Consistent),
             Outcome::HandedOver | Outcome::InDoubt | Outcome::DestOwnsIncomplete { .. } => {
                 st.set_state(
                     &self.disk,
