@@ -706,7 +706,13 @@ pub fn verify(run: &mut Run) -> Result<Verdict, String> {
             Ok(Verdict::DestIncomplete)
         }
         (Outcome::HandedOver | Outcome::InDoubt, Some(Outcome::Migrated { .. })) => {
-            // The destination verified and committed; the source never heard. Checked above.
+            // The destination verified and committed; the source never heard. The bitmap
+            // was checked above.
+            if committed_state != Some(State::Consistent) {
+                return Err(format!(
+                    "destination migrated but committed {committed_state:?}"
+                ));
+            }
             Ok(Verdict::InDoubt)
         }
         (Outcome::HandedOver, d) if run.plan.postcopy && committed_state.is_none() => {
