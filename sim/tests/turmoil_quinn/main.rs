@@ -5,6 +5,7 @@
 //! `BITFERRY_TURMOIL_SEED=N` replays one seed; `BITFERRY_TURMOIL_SEEDS=N` changes how many
 //! seeds the suite runs (default 120, starting at `BITFERRY_TURMOIL_FIRST`, default 0).
 
+mod certs;
 mod scenario;
 mod socket;
 
@@ -30,7 +31,7 @@ fn quinn_over_turmoil_with_loss_and_partitions() {
             (first..first + n).collect()
         }
     };
-    let ids = agent::transport::bench::ephemeral_cluster(&["src", "dst"]).expect("certificates");
+    let ids = certs::cluster(&["src", "dst"]);
     let mut ids = ids.into_iter().map(Arc::new);
     let (src_id, dst_id) = (ids.next().expect("src"), ids.next().expect("dst"));
 
@@ -154,7 +155,7 @@ fn quinn_over_turmoil_with_loss_and_partitions() {
 /// same verdict (what makes `BITFERRY_TURMOIL_SEED` useful).
 #[test]
 fn a_seed_replays_identically() {
-    let ids = agent::transport::bench::ephemeral_cluster(&["src", "dst"]).expect("certificates");
+    let ids = certs::cluster(&["src", "dst"]);
     let mut ids = ids.into_iter().map(Arc::new);
     let (src_id, dst_id) = (ids.next().expect("src"), ids.next().expect("dst"));
     let first = env_u64("BITFERRY_TURMOIL_SEED").unwrap_or(1000);
