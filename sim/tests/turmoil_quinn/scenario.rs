@@ -197,6 +197,8 @@ pub struct Run {
     pub lost: u64,
     /// Sent into the partition.
     pub cut: u64,
+    /// Refused by turmoil (a misconfigured simulation, not a network fault).
+    pub send_errors: u64,
     /// Simulated time the run took.
     pub elapsed: Duration,
     /// An error of the simulation itself (a driver failed to set up, or time ran out).
@@ -296,6 +298,7 @@ pub fn run(plan: &Plan, src_id: Arc<TlsIdentity>, dst_id: Arc<TlsIdentity>) -> R
         sent: faults.sent.load(Ordering::Relaxed),
         lost: faults.lost.load(Ordering::Relaxed),
         cut: faults.cut.load(Ordering::Relaxed),
+        send_errors: faults.send_errors.load(Ordering::Relaxed),
         elapsed,
         sim_error,
     }
@@ -608,6 +611,9 @@ pub enum Verdict {
 pub fn verify(run: &mut Run) -> Result<Verdict, String> {
     if let Some(e) = &run.sim_error {
         return Err(format!("simulation failed: {e}"));
+    }
+    if run.send_errors > 0 {
+        return Err(format!("turmoil refused {} datagrams", run.send_errors));
     }
     let src_out = run.src.outcome.ok_or("the source never finished")?;
     let dst_out = run.dst.outcome;
