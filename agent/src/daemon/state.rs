@@ -339,6 +339,10 @@ impl AgentState {
             }
             Request::MigrateSwitchover { disk, postcopy } => {
                 let m = self.migration(&disk, Some(Role::Source))?;
+                let phase = m.status.lock().expect("status lock").phase;
+                if !matches!(phase, "connecting" | "negotiating" | "bulk" | "pre-copy") {
+                    bail!("{disk}'s migration is not ready for switchover (phase: {phase})");
+                }
                 m.cmd
                     .send(Cmd::Switchover { postcopy })
                     .map_err(|_| anyhow::anyhow!("the migration of {disk} has already ended"))?;

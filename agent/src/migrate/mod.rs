@@ -67,6 +67,9 @@ pub struct Status {
     pub outcome: Option<String>,
     /// Why it failed.
     pub error: Option<String>,
+    /// The last command the session refused (e.g. a switchover before the destination
+    /// accepted); the migration goes on.
+    pub notice: Option<String>,
     /// Whether the task has ended.
     pub finished: bool,
     /// Source: every pre-copy round so far was acknowledged and no mark arrived since the last
@@ -90,6 +93,7 @@ impl Status {
             epoch: None,
             outcome: None,
             error: None,
+            notice: None,
             finished: false,
             converged: false,
         }
@@ -115,6 +119,7 @@ impl Status {
             "epoch": self.epoch,
             "outcome": self.outcome,
             "error": self.error,
+            "notice": self.notice,
         })
     }
 }

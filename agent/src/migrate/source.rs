@@ -163,14 +163,35 @@ impl Task {
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         let mut switched = false;
         let mut net_open = true;
+        // A switchover asked for before the destination accepted waits until it has.
+        let mut pending_switchover: Option<bool> = None;
         let end: Outcome = 'session: loop {
             // Commands and peer messages first, so marks and a switchover interleave with a long
             // bulk stream (the session produces chunks lazily, one per poll).
             while let Ok(cmd) = cmds.try_recv() {
-                self.on_cmd(&mut session, Some(cmd), &mut marked_since_round)?;
+                self.on_cmd(
+                    &mut session,
+                    Some(cmd),
+                    &mut marked_since_round,
+                    &mut pending_switchover,
+                )?;
             }
             while net_open && let Ok(ev) = net.try_recv() {
                 net_open = self.on_net(&mut session, Some(ev))?;
+            }
+            if let Some(postcopy) = pending_switchover
+                && !matches!(
+                    session.phase(),
+                    "waiting for Welcome" | "waiting for Accept"
+                )
+            {
+                pending_switchover = None;
+                if !session_over(&session)
+                    && let Err(e) = session.switchover(postcopy)
+                {
+                    tracing::warn!(disk = %self.disk, error = %e, "switchover refused");
+                    self.set(|s| s.notice = Some(format!("switchover refused: {e}")));
+                }
             }
             if let Some(a) = session.poll_action() {
                 match a {
@@ -187,13 +208,17 @@ impl Task {
                                 "switching over"
                             }
                         });
-                        send(&mut w, Action::Send(Message::Switchover(sw))).await?;
+                        if let Err(e) = send(&mut w, Action::Send(Message::Switchover(sw))).await {
+                            self.lost(&mut session, &e)?;
+                        }
                     }
                     a @ (Action::Send(_) | Action::SendPayload(_)) => {
                         if let Action::SendPayload(p) = &a {
                             self.pacer.pace(p.len()).await;
                         }
-                        send(&mut w, a).await?
+                        if let Err(e) = send(&mut w, a).await {
+                            self.lost(&mut session, &e)?;
+                        }
                     }
                     Action::Retire { disk, epoch } => self.retire(&disk, epoch)?,
                     Action::Finished(o) => break 'session o,
@@ -209,7 +234,7 @@ impl Task {
             self.report(&session, switched, marked_since_round);
             tokio::select! {
                 ev = net.recv(), if net_open => net_open = self.on_net(&mut session, ev)?,
-                cmd = cmds.recv() => self.on_cmd(&mut session, cmd, &mut marked_since_round)?,
+                cmd = cmds.recv() => self.on_cmd(&mut session, cmd, &mut marked_since_round, &mut pending_switchover)?,
                 _ = tick.tick() => {
                     // Keep pre-copy rounds going while the VM writes: a new round as soon as
                     // the previous one is acknowledged and there is something to send.
@@ -232,15 +257,29 @@ impl Task {
         Ok(())
     }
 
+    /// A write to the peer failed: to the session that is the peer going away (the outcome then
+    /// follows the ownership rules), not a local failure.
+    fn lost(
+        &self,
+        session: &mut SourceSession,
+        e: &crate::transport::TransportError,
+    ) -> Result<()> {
+        tracing::info!(disk = %self.disk, error = %e, "sending to the destination failed");
+        if !session_over(session) {
+            session.peer_lost()?;
+        }
+        Ok(())
+    }
+
     fn report(&self, session: &SourceSession, switched: bool, marked_since_round: bool) {
         let stats = session.stats();
         self.set(|s| {
             s.stats = stats;
             if !switched && s.phase != "failed" {
-                s.phase = if stats.rounds == 0 {
-                    "bulk"
-                } else {
-                    "pre-copy"
+                s.phase = match session.phase() {
+                    "waiting for Welcome" | "waiting for Accept" => "negotiating",
+                    _ if stats.rounds == 0 => "bulk",
+                    _ => "pre-copy",
                 };
             }
             s.converged = !switched
@@ -288,6 +327,7 @@ impl Task {
         session: &mut SourceSession,
         cmd: Option<Cmd>,
         marked_since_round: &mut bool,
+        pending_switchover: &mut Option<bool>,
     ) -> Result<()> {
         if session_over(session) {
             return Ok(());
@@ -303,7 +343,7 @@ impl Task {
                 }
                 *marked_since_round = true;
             }
-            Some(Cmd::Switchover { postcopy }) => session.switchover(postcopy)?,
+            Some(Cmd::Switchover { postcopy }) => *pending_switchover = Some(postcopy),
             Some(Cmd::Abort) | None => session.abort()?,
         }
         Ok(())
