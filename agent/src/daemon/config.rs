@@ -28,6 +28,31 @@ pub struct Config {
     /// QUIC tuning.
     #[serde(default)]
     pub transport: TransportConfig,
+    /// Rebuild references: the agent rebuilds these disks by itself when their bitmap is lost.
+    #[serde(default)]
+    pub reference: Vec<Reference>,
+}
+
+/// `[[reference]]`: what to compare a disk's live image with when its bitmap must be rebuilt.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reference {
+    /// Disk id.
+    pub disk: wire::DiskId,
+    /// The live disk image (raw file or block device).
+    pub image: PathBuf,
+    /// Block manifest of the last backup (only the live image is read).
+    #[serde(default)]
+    pub manifest: Option<PathBuf>,
+    /// Raw backup image (both images are read).
+    #[serde(default)]
+    pub backup: Option<PathBuf>,
+    /// Block size of the rebuilt bitmap; the disk's when absent.
+    #[serde(default)]
+    pub granularity: Option<u64>,
+    /// Read at most this many bytes per second; unlimited when absent.
+    #[serde(default)]
+    pub rate: Option<u64>,
 }
 
 fn default_flush_ms() -> u64 {
@@ -122,6 +147,25 @@ impl Config {
         ] {
             if p.is_relative() {
                 *p = base.join(&*p);
+            }
+        }
+        for r in &mut c.reference {
+            for p in [Some(&mut r.image), r.manifest.as_mut(), r.backup.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+            if r.manifest.is_some() == r.backup.is_some() {
+                return Err(ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "[[reference]] for disk {}: give exactly one of manifest and backup",
+                        r.disk
+                    ),
+                });
             }
         }
         if c.flush_interval_ms == 0 {
