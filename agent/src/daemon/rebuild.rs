@@ -557,3 +557,102 @@ impl AgentState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::Request;
+    use crate::store::{Access, Store};
+    use std::os::unix::fs::FileExt;
+    use std::time::Instant;
+
+    const G: u64 = 64 << 10;
+    const SIZE: u64 = 4 << 20;
+
+    /// A cut post-copy (`rebuild_needed`) on a disk with a configured reference starts the job;
+    /// a mark behind the scan lands in the result; the disk ends `recording`, bound to the
+    /// manifest's root, with the checkpoint id it had.
+    #[test]
+    fn rebuild_needed_starts_the_configured_job_and_keeps_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backup, live, manifest) = (
+            dir.path().join("b.img"),
+            dir.path().join("l.img"),
+            dir.path().join("b.manifest"),
+        );
+        let data: Vec<u8> = (0..SIZE).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&backup, &data).unwrap();
+        std::fs::write(&live, &data).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&live).unwrap();
+        f.write_all_at(&[0xAA; 100], 3 * G + 5).unwrap();
+        let created = crate::rebuild::manifest::create(&backup, G, &manifest).unwrap();
+        let store_dir = dir.path().join("store");
+        let store = Store::open(&store_dir, Access::ReadWrite).unwrap();
+        let mut st = AgentState::open(store, vec![]).unwrap();
+        let disk = DiskId::new("vm/x").unwrap();
+        st.configure_rebuilds(
+            &store_dir,
+            vec![Reference {
+                disk: disk.clone(),
+                image: live.clone(),
+                manifest: Some(manifest.clone()),
+                backup: None,
+                granularity: None,
+                rate: Some(4 << 20),
+            }],
+        );
+        st.execute(Request::Create {
+            disk: disk.clone(),
+            size: SIZE,
+            granularity: G,
+            checkpoint: Some("c1".into()),
+        })
+        .unwrap();
+        st.set_state(&disk, State::Incomplete, Some("post-copy cut".into()))
+            .unwrap();
+        st.rebuild_needed(&disk, "post-copy cut");
+        assert_eq!(st.disks[&disk].meta.state, State::Rebuilding);
+        let v = st.rebuild_status(Some(&disk)).unwrap();
+        assert_eq!(v["state"], "running", "{v}");
+        assert_eq!(v["auto"], true);
+
+        // Wait until the scan is past block 1, then write there and mark it.
+        let t = Instant::now();
+        while st.rebuilds.jobs[&disk].progress.snapshot().done < 2 * G {
+            assert!(t.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        f.write_all_at(&[0x55; 10], G).unwrap();
+        st.execute(Request::Mark {
+            disk: disk.clone(),
+            ranges: vec![(G, 10)],
+        })
+        .unwrap();
+        // Out of range: refused, and applied nowhere.
+        assert!(
+            st.execute(Request::Mark {
+                disk: disk.clone(),
+                ranges: vec![(0, 1), (SIZE, 1)],
+            })
+            .is_err()
+        );
+        while st.rebuilds.jobs[&disk].state == RunState::Running {
+            assert!(t.elapsed() < Duration::from_secs(10));
+            st.poll_rebuilds();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let v = st.rebuild_status(Some(&disk)).unwrap();
+        assert_eq!(v["state"], "completed", "{v}");
+        let tr = &st.disks[&disk];
+        assert_eq!(tr.meta.state, State::Recording);
+        let b = tr.bits.as_ref().unwrap();
+        assert_eq!(
+            (0..SIZE / G).filter(|&i| b.is_set(i)).collect::<Vec<_>>(),
+            vec![1, 3]
+        );
+        let c = tr.meta.checkpoint.as_ref().unwrap();
+        assert_eq!(c.id, "c1");
+        assert_eq!(c.manifest_root, Some(created.root));
+        assert!(!store_dir.join(".rebuild/vm%2Fx.state").exists());
+    }
+}
