@@ -197,6 +197,17 @@ fn a_killed_agent_resumes_its_rebuild_from_the_persisted_cursor() {
     a.json(&start_args(d, "vm/b", "16M"));
     let p = wait_progress(&a, "vm/b", 24 * MIB);
     assert_eq!(p["state"], "running", "{p}");
+    // A write behind the scan, marked: the persisted partial result cannot hold it, only the
+    // entry's committed marks can, which the resumed job must start from.
+    let (o, l) = write_random(&mut rng, &d.join("live.img"), MIB + 8192);
+    a.json(&[
+        "bitmap",
+        "mark",
+        "--disk",
+        "vm/b",
+        "--range",
+        &format!("{o}:{l}"),
+    ]);
     // The state file is persisted every 0.5 s.
     std::thread::sleep(Duration::from_millis(700));
     a.kill();
@@ -318,4 +329,29 @@ fn status_shows_progress_and_cancel_leaves_the_disk_untrusted() {
     // Without an agent, status and cancel say so.
     let out = bitferry().args(["rebuild", "status"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn a_clean_stop_pauses_the_rebuild_and_the_next_start_resumes_it() {
+    let seed = seed("rebuild_agent_pause");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    images(&mut rng, d, 40 * MIB);
+    let ca = cluster_ca(&d.join("ca"));
+    let mut a = AgentProc::start(&d.join("a"), "host-a", &ca, "");
+    a.json(&start_args(d, "vm/e", "16M"));
+    let p = wait_progress(&a, "vm/e", 8 * MIB);
+    assert_eq!(p["state"], "running", "{p}");
+    assert!(a.terminate().success());
+    // Never `consistent` while paused.
+    let off = json_in(&a.store, &["bitmap", "show", "--disk", "vm/e"]);
+    assert_eq!(off["state"], "rebuilding", "{off}");
+    let a = AgentProc::start(&d.join("a"), "host-a", &ca, "");
+    let end = wait_done(&a, "vm/e", Duration::from_secs(15));
+    assert_eq!(end["state"], "completed", "{end}");
+    assert!(end["result"]["resumed_from"].as_u64().expect("resumed") >= 8 * MIB);
+    let show = a.json(&["bitmap", "show", "--disk", "vm/e"]);
+    assert_eq!(show["state"], "recording");
+    assert_eq!(blocks(&show), truth(d));
 }
