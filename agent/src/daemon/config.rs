@@ -211,4 +211,32 @@ key  = "host.key"
         std::fs::write(&p, "bogus = 1\n").unwrap();
         assert!(Config::load(&p).is_err());
     }
+
+    #[test]
+    fn references_resolve_paths_and_need_exactly_one_reference() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent.toml");
+        let base = "listen = \"127.0.0.1:7400\"\nstore = \"s\"\ncontrol = \"c.sock\"\n";
+        let tls = "[tls]\nca = \"ca.pem\"\ncert = \"h.pem\"\nkey = \"h.key\"\n";
+        let with = |r: &str| format!("{base}[[reference]]\ndisk = \"vm/a\"\n{r}\n{tls}");
+        std::fs::write(
+            &p,
+            with("image = \"live.img\"\nmanifest = \"/b/m\"\ngranularity = 65536\nrate = 1000"),
+        )
+        .unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.reference.len(), 1);
+        let r = &c.reference[0];
+        assert_eq!(r.image, dir.path().join("live.img"));
+        assert_eq!(r.manifest, Some(PathBuf::from("/b/m")));
+        assert_eq!((r.granularity, r.rate), (Some(65536), Some(1000)));
+        for bad in [
+            "image = \"l\"",
+            "image = \"l\"\nmanifest = \"m\"\nbackup = \"b\"",
+            "image = \"l\"\nmanifest = \"m\"\nspeed = 1",
+        ] {
+            std::fs::write(&p, with(bad)).unwrap();
+            assert!(Config::load(&p).is_err(), "{bad} accepted");
+        }
+    }
 }

@@ -173,6 +173,15 @@ impl AgentState {
     pub fn rebuild_needed(&mut self, disk: &DiskId, reason: &str) {
         if let Some(t) = self.disks.get_mut(disk) {
             t.meta.reason = Some(format!("{reason}; rebuild needed"));
+            // Durably, so an agent restarted before the rebuild still knows it is needed.
+            if let Some(b) = t.bits.as_mut() {
+                match self.store.commit(&mut t.meta, b) {
+                    Ok(()) => t.unflushed = false,
+                    Err(e) => {
+                        tracing::error!(%disk, error = %e, "could not record that a rebuild is needed")
+                    }
+                }
+            }
         }
         self.auto_rebuild(disk);
     }
