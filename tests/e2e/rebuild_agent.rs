@@ -23,8 +23,13 @@ fn s(p: &Path) -> &str {
 /// A backup with random data in its first `data` bytes and a hole after; a live copy of it with
 /// a few 4 KiB writes; a manifest of the backup. Returns the manifest's root.
 fn images(rng: &mut StdRng, dir: &Path, data: u64) -> String {
+    images_at(rng, dir, SIZE, data, "64K")
+}
+
+/// [`images`] with another image size and manifest granularity.
+fn images_at(rng: &mut StdRng, dir: &Path, size: u64, data: u64, g: &str) -> String {
     let backup = File::create(dir.join("backup.img")).unwrap();
-    backup.set_len(SIZE).unwrap();
+    backup.set_len(size).unwrap();
     let mut chunk = vec![0u8; MIB as usize];
     for off in (0..data).step_by(MIB as usize) {
         rng.fill(&mut chunk[..]);
@@ -32,7 +37,7 @@ fn images(rng: &mut StdRng, dir: &Path, data: u64) -> String {
     }
     std::fs::copy(dir.join("backup.img"), dir.join("live.img")).unwrap();
     for _ in 0..8 {
-        let off = rng.random_range(0..SIZE - 4096);
+        let off = rng.random_range(0..size - 4096);
         write_random(rng, &dir.join("live.img"), off);
     }
     let m = json_in(
@@ -43,7 +48,7 @@ fn images(rng: &mut StdRng, dir: &Path, data: u64) -> String {
             "--image",
             s(&dir.join("backup.img")),
             "--granularity",
-            "64K",
+            g,
             "--out",
             s(&dir.join("backup.manifest")),
         ],
@@ -62,10 +67,15 @@ fn write_random(rng: &mut StdRng, live: &Path, off: u64) -> (u64, u64) {
 
 /// Blocks whose bytes differ between the two images.
 fn truth(dir: &Path) -> BTreeSet<u64> {
+    truth_at(dir, G)
+}
+
+/// [`truth`] at granularity `g`.
+fn truth_at(dir: &Path, g: u64) -> BTreeSet<u64> {
     let live = std::fs::read(dir.join("live.img")).unwrap();
     let backup = std::fs::read(dir.join("backup.img")).unwrap();
-    live.chunks(G as usize)
-        .zip(backup.chunks(G as usize))
+    live.chunks(g as usize)
+        .zip(backup.chunks(g as usize))
         .enumerate()
         .filter(|(_, (a, b))| a != b)
         .map(|(i, _)| i as u64)
@@ -74,10 +84,15 @@ fn truth(dir: &Path) -> BTreeSet<u64> {
 
 /// The blocks covered by a `bitmap show` report's extents.
 fn blocks(v: &Value) -> BTreeSet<u64> {
+    blocks_at(v, G)
+}
+
+/// [`blocks`] at granularity `g`.
+fn blocks_at(v: &Value, g: u64) -> BTreeSet<u64> {
     let mut out = BTreeSet::new();
     for e in v["extents"].as_array().expect("extents") {
         let (o, l) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
-        out.extend(o / G..(o + l).div_ceil(G));
+        out.extend(o / g..(o + l).div_ceil(g));
     }
     out
 }
@@ -354,4 +369,89 @@ fn a_clean_stop_pauses_the_rebuild_and_the_next_start_resumes_it() {
     let show = a.json(&["bitmap", "show", "--disk", "vm/e"]);
     assert_eq!(show["state"], "recording");
     assert_eq!(blocks(&show), truth(d));
+}
+
+#[test]
+fn a_cut_postcopy_is_rebuilt_by_the_destination_with_a_configured_reference() {
+    let seed = seed("rebuild_agent_postcopy");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The tracked disk is large (64 GiB at 4 KiB: 2 MiB of bitmap in 32 chunks), so its bulk
+    // takes long at 1 KiB/s and the post-copy can be cut; the rebuild then takes the live
+    // image's geometry (16 MiB at the disk's 4 KiB).
+    images_at(&mut rng, d, 16 * MIB, 8 * MIB, "4K");
+    let ca = cluster_ca(&d.join("ca"));
+    let mut src = AgentProc::start(&d.join("a"), "host-a", &ca, "");
+    let extra = format!(
+        "[[reference]]\ndisk = \"vm/p\"\nimage = \"{}\"\nmanifest = \"{}\"\n",
+        s(&d.join("live.img")),
+        s(&d.join("backup.manifest"))
+    );
+    let dst = AgentProc::start(&d.join("b"), "host-b", &ca, &extra);
+    src.json(&[
+        "bitmap",
+        "create",
+        "--disk",
+        "vm/p",
+        "--size",
+        "64G",
+        "--granularity",
+        "4K",
+    ]);
+    let ranges: Vec<String> = (0..2000)
+        .map(|_| format!("{}:65536", rng.random_range(0..63u64 << 30)))
+        .collect();
+    let mut args = vec!["bitmap", "mark", "--disk", "vm/p"];
+    for r in &ranges {
+        args.extend(["--range", r.as_str()]);
+    }
+    src.json(&args);
+    dst.json(&["expect", "--disk", "vm/p"]);
+    let to = dst.listen_addr();
+    src.json(&[
+        "migrate", "start", "--disk", "vm/p", "--to", &to, "--rate", "1K",
+    ]);
+    std::thread::sleep(Duration::from_millis(100));
+    src.json(&[
+        "migrate",
+        "switchover",
+        "--disk",
+        "vm/p",
+        "--postcopy",
+        "--no-wait",
+    ]);
+    let t = Instant::now();
+    while dst.json(&["migrate", "status", "--disk", "vm/p"])["phase"] != "post-copy" {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "no post-copy: {}",
+            dst.json(&["migrate", "status", "--disk", "vm/p"])
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    src.kill();
+    // The destination gives up on the source, the disk is `incomplete`, and the configured
+    // reference makes it rebuild by itself.
+    let t = Instant::now();
+    let job = loop {
+        let st = dst.json(&["status"]);
+        if let Some(j) = st["rebuilds"].as_array().and_then(|a| a.first()) {
+            break j.clone();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "no rebuild: {st}\n{}",
+            dst.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(job["disk"], "vm/p");
+    assert_eq!(job["auto"], true);
+    let end = wait_done(&dst, "vm/p", Duration::from_secs(15));
+    assert_eq!(end["state"], "completed", "{end}");
+    let show = dst.json(&["bitmap", "show", "--disk", "vm/p"]);
+    assert_eq!(show["state"], "recording", "{show}");
+    assert_eq!(show["size"], 16 * MIB);
+    assert_eq!(blocks_at(&show, 4096), truth_at(d, 4096));
 }
