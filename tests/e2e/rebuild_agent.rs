@@ -455,3 +455,32 @@ fn a_cut_postcopy_is_rebuilt_by_the_destination_with_a_configured_reference() {
     assert_eq!(show["size"], 16 * MIB);
     assert_eq!(blocks_at(&show, 4096), truth_at(d, 4096));
 }
+
+#[test]
+fn an_unreadable_file_takes_the_references_geometry() {
+    let seed = seed("rebuild_agent_unreadable");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let root = images(&mut rng, d, 8 * MIB);
+    let ca = cluster_ca(&d.join("ca"));
+    // A store file whose header does not decode: no geometry, no granularity.
+    std::fs::create_dir_all(d.join("a/store")).unwrap();
+    std::fs::write(d.join("a/store/vm%2Ff.bfb"), b"not a bitmap file at all").unwrap();
+    let extra = format!(
+        "[[reference]]\ndisk = \"vm/f\"\nimage = \"{}\"\nmanifest = \"{}\"\n",
+        s(&d.join("live.img")),
+        s(&d.join("backup.manifest"))
+    );
+    let a = AgentProc::start(&d.join("a"), "host-a", &ca, &extra);
+    let end = wait_done(&a, "vm/f", Duration::from_secs(15));
+    assert_eq!(end["state"], "completed", "{end}");
+    assert_eq!(end["result"]["manifest_root"].as_str(), Some(root.as_str()));
+    let show = a.json(&["bitmap", "show", "--disk", "vm/f"]);
+    assert_eq!(show["state"], "recording");
+    assert_eq!(
+        (show["size"].as_u64(), show["granularity"].as_u64()),
+        (Some(SIZE), Some(G))
+    );
+    assert_eq!(blocks(&show), truth(d));
+}
