@@ -386,11 +386,13 @@ impl AgentState {
             .map(|(d, _)| d.clone())
             .collect();
         for disk in ended {
-            self.finish_rebuild(&disk);
+            self.finish_rebuild(&disk, false);
         }
     }
 
-    fn finish_rebuild(&mut self, disk: &DiskId) {
+    /// Join `disk`'s job and act on its end. `pausing` (clean shutdown): a cancelled job keeps
+    /// its `rebuilding` entry and its state file, to be resumed at the next start.
+    fn finish_rebuild(&mut self, disk: &DiskId, pausing: bool) {
         let Some(run) = self.rebuilds.jobs.get_mut(disk) else {
             return;
         };
@@ -411,6 +413,11 @@ impl AgentState {
         let Some(run) = self.rebuilds.jobs.get_mut(disk) else {
             return;
         };
+        if pausing && state == RunState::Cancelled {
+            tracing::info!(%disk, "rebuild paused for shutdown; it resumes at the next start");
+            run.error = Some("paused for shutdown".into());
+            return;
+        }
         run.state = state;
         let (id, reference, state_path) = (
             run.id.clone(),
@@ -518,7 +525,7 @@ impl AgentState {
             .with_context(|| format!("no rebuild of {disk} on this agent"))?;
         if r.state == RunState::Running {
             r.cancel.store(true, Ordering::Relaxed);
-            self.finish_rebuild(disk);
+            self.finish_rebuild(disk, false);
         }
         self.rebuild_status(Some(disk))
     }
@@ -547,13 +554,20 @@ impl AgentState {
 
     /// Clean shutdown: stop running jobs where they are. Their entries stay `rebuilding` and
     /// their state files stay, so the next start resumes them.
+    /// A job that completes meanwhile is committed as usual.
     pub fn stop_rebuilds(&mut self) {
-        for (disk, r) in &mut self.rebuilds.jobs {
-            if let Some(h) = r.handle.take() {
-                h.cancel.store(true, Ordering::Relaxed);
-                let _ = h.join();
-                tracing::info!(%disk, "rebuild paused for shutdown; it resumes at the next start");
-            }
+        let running: Vec<DiskId> = self
+            .rebuilds
+            .jobs
+            .iter()
+            .filter(|(_, r)| r.handle.is_some())
+            .map(|(d, _)| d.clone())
+            .collect();
+        for disk in running {
+            self.rebuilds.jobs[&disk]
+                .cancel
+                .store(true, Ordering::Relaxed);
+            self.finish_rebuild(&disk, true);
         }
     }
 }
