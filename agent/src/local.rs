@@ -71,7 +71,10 @@ pub fn execute(dir: &Path, req: Request) -> Result<Value> {
         | Request::MigrateStart { .. }
         | Request::MigrateSwitchover { .. }
         | Request::MigrateStatus { .. }
-        | Request::MigrateAbort { .. } => {
+        | Request::MigrateAbort { .. }
+        | Request::RebuildStart { .. }
+        | Request::RebuildStatus { .. }
+        | Request::RebuildCancel { .. } => {
             bail!("this command talks to a running agent: pass --control SOCKET")
         }
     }

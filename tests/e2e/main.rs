@@ -9,4 +9,5 @@ mod cert;
 mod migrate;
 mod qcow2;
 mod rebuild;
+mod rebuild_agent;
 mod store_crash;

@@ -16,6 +16,7 @@ pub mod manifest;
 pub mod qcow2;
 
 pub mod rebuild;
+pub mod rebuild_agent;
 pub mod units;
 
 use crate::control::Request;

@@ -29,22 +29,36 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use wire::{Bitmap, Checkpoint, DiskId, State};
 
-/// `rebuild` arguments.
+/// `rebuild` arguments: a rebuild (offline on the store, or started in the agent with
+/// `--control`), or `rebuild status` / `rebuild cancel` of an agent's job.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct RebuildArgs {
+    /// A job in a running agent.
+    #[command(subcommand)]
+    pub action: Option<super::rebuild_agent::JobCmd>,
+    /// The rebuild itself.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Arguments of a rebuild.
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("reference").required(true).args(["backup", "manifest"])))]
-pub struct RebuildArgs {
+pub struct RunArgs {
     /// The live disk image (raw file or block device).
-    #[arg(long)]
-    pub image: PathBuf,
+    #[arg(long, required = true)]
+    pub image: Option<PathBuf>,
     /// A raw backup image to compare with (reads both images).
     #[arg(long)]
     pub backup: Option<PathBuf>,
     /// A block manifest of the backup (`bitferry manifest create`): only the live image is read.
     #[arg(long)]
     pub manifest: Option<PathBuf>,
-    /// Block size of the rebuilt bitmap (must equal the manifest's).
-    #[arg(long, value_parser = parse_size, default_value = "64K")]
-    pub granularity: u64,
+    /// Block size of the rebuilt bitmap (must equal the manifest's). Default 64K; through an
+    /// agent, the disk's.
+    #[arg(long, value_parser = parse_size)]
+    pub granularity: Option<u64>,
     /// Commit the result to the store for this disk, `consistent` and bound to the reference.
     #[arg(long)]
     pub disk: Option<DiskId>,
@@ -57,6 +71,9 @@ pub struct RebuildArgs {
     /// How long to wait for the store lock at the start and the end.
     #[arg(long, default_value_t = 60)]
     pub lock_timeout_secs: u64,
+    /// With --control: wait for the agent's job to end, drawing a progress bar.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 /// Open the store for writing, waiting while other commands (e.g. `bitmap mark`) hold it.
@@ -76,14 +93,25 @@ fn rebuilding_reason(tag: &str, reference: &Path) -> String {
     format!("rebuild {tag} in progress against {}", reference.display())
 }
 
-/// Run `rebuild`.
+/// Run `rebuild`: a job command, a rebuild through the agent, or one on the store.
 pub fn run(ctx: &Ctx, a: RebuildArgs) -> Result<()> {
+    match a.action {
+        Some(c) => super::rebuild_agent::job(ctx, c),
+        None if ctx.control.is_some() => super::rebuild_agent::start(ctx, a.run),
+        None if a.run.wait => bail!("--wait needs --control (an agent's job)"),
+        None => run_offline(ctx, a.run),
+    }
+}
+
+fn run_offline(ctx: &Ctx, a: RunArgs) -> Result<()> {
+    let image = a.image.clone().context("--image is required")?;
+    let granularity = a.granularity.unwrap_or(64 << 10);
     let (spec, ref_path) = match (&a.backup, &a.manifest) {
         (Some(b), None) => (ReferenceSpec::Backup(b.clone()), b.clone()),
         (None, Some(m)) => (ReferenceSpec::Manifest(m.clone()), m.clone()),
         _ => bail!("give exactly one of --backup and --manifest"),
     };
-    let mut config = JobConfig::new(a.image.clone(), spec, a.granularity);
+    let mut config = JobConfig::new(image, spec, granularity);
     config.rate = a.rate;
     config.state_file = a.state.clone();
     config.want_reference_root = a.disk.is_some();

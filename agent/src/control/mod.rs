@@ -97,6 +97,32 @@ pub enum Request {
         /// Disk id.
         disk: DiskId,
     },
+    /// `rebuild --disk`: start a background rebuild of the disk's bitmap in the agent.
+    RebuildStart {
+        /// Disk id.
+        disk: DiskId,
+        /// The live image (absolute path: the agent resolves it, not the CLI's directory).
+        image: PathBuf,
+        /// Block manifest of the reference.
+        manifest: Option<PathBuf>,
+        /// Raw backup image as the reference.
+        backup: Option<PathBuf>,
+        /// Block size; the disk's (or the configured reference's) when absent.
+        granularity: Option<u64>,
+        /// Read at most this many bytes per second.
+        #[serde(default)]
+        rate: Option<u64>,
+    },
+    /// `rebuild status`: progress of one disk's rebuild job, or of all.
+    RebuildStatus {
+        /// Disk id; every job when absent.
+        disk: Option<DiskId>,
+    },
+    /// `rebuild cancel`: stop a disk's rebuild job (the disk stays untrusted).
+    RebuildCancel {
+        /// Disk id.
+        disk: DiskId,
+    },
 }
 
 /// A response line.

@@ -28,6 +28,31 @@ pub struct Config {
     /// QUIC tuning.
     #[serde(default)]
     pub transport: TransportConfig,
+    /// Rebuild references: the agent rebuilds these disks by itself when their bitmap is lost.
+    #[serde(default)]
+    pub reference: Vec<Reference>,
+}
+
+/// `[[reference]]`: what to compare a disk's live image with when its bitmap must be rebuilt.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reference {
+    /// Disk id.
+    pub disk: wire::DiskId,
+    /// The live disk image (raw file or block device).
+    pub image: PathBuf,
+    /// Block manifest of the last backup (only the live image is read).
+    #[serde(default)]
+    pub manifest: Option<PathBuf>,
+    /// Raw backup image (both images are read).
+    #[serde(default)]
+    pub backup: Option<PathBuf>,
+    /// Block size of the rebuilt bitmap; the disk's when absent.
+    #[serde(default)]
+    pub granularity: Option<u64>,
+    /// Read at most this many bytes per second; unlimited when absent.
+    #[serde(default)]
+    pub rate: Option<u64>,
 }
 
 fn default_flush_ms() -> u64 {
@@ -124,6 +149,25 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        for r in &mut c.reference {
+            for p in [Some(&mut r.image), r.manifest.as_mut(), r.backup.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+            if r.manifest.is_some() == r.backup.is_some() {
+                return Err(ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "[[reference]] for disk {}: give exactly one of manifest and backup",
+                        r.disk
+                    ),
+                });
+            }
+        }
         if c.flush_interval_ms == 0 {
             return Err(ConfigError::Parse {
                 path: path.to_path_buf(),
@@ -166,5 +210,33 @@ key  = "host.key"
         assert!(e.contains("agent.toml"), "{e}");
         std::fs::write(&p, "bogus = 1\n").unwrap();
         assert!(Config::load(&p).is_err());
+    }
+
+    #[test]
+    fn references_resolve_paths_and_need_exactly_one_reference() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent.toml");
+        let base = "listen = \"127.0.0.1:7400\"\nstore = \"s\"\ncontrol = \"c.sock\"\n";
+        let tls = "[tls]\nca = \"ca.pem\"\ncert = \"h.pem\"\nkey = \"h.key\"\n";
+        let with = |r: &str| format!("{base}[[reference]]\ndisk = \"vm/a\"\n{r}\n{tls}");
+        std::fs::write(
+            &p,
+            with("image = \"live.img\"\nmanifest = \"/b/m\"\ngranularity = 65536\nrate = 1000"),
+        )
+        .unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.reference.len(), 1);
+        let r = &c.reference[0];
+        assert_eq!(r.image, dir.path().join("live.img"));
+        assert_eq!(r.manifest, Some(PathBuf::from("/b/m")));
+        assert_eq!((r.granularity, r.rate), (Some(65536), Some(1000)));
+        for bad in [
+            "image = \"l\"",
+            "image = \"l\"\nmanifest = \"m\"\nbackup = \"b\"",
+            "image = \"l\"\nmanifest = \"m\"\nspeed = 1",
+        ] {
+            std::fs::write(&p, with(bad)).unwrap();
+            assert!(Config::load(&p).is_err(), "{bad} accepted");
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod control_server;
+pub mod rebuild;
 pub mod state;
 
 use anyhow::{Context, Result, bail};
@@ -34,7 +35,9 @@ pub fn run(config: Config) -> Result<()> {
 
 async fn serve(config: Config) -> Result<()> {
     let store = crate::store::Store::open(&config.store, crate::store::Access::ReadWrite)?;
-    let state = AgentState::open(store, config.expect.clone())?;
+    let mut state = AgentState::open(store, config.expect.clone())?;
+    state.configure_rebuilds(&config.store, config.reference.clone());
+    state.start_pending_rebuilds();
     let shared: Shared = Arc::new(Mutex::new(state));
     let stop = Arc::new(Notify::new());
 
@@ -93,6 +96,17 @@ async fn serve(config: Config) -> Result<()> {
         })
     };
 
+    let rebuild_poller = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                shared.lock().expect("state lock").poll_rebuilds();
+            }
+        })
+    };
+
     tracing::info!(
         name = %net.name,
         listen = %endpoint.local_addr()?,
@@ -107,6 +121,7 @@ async fn serve(config: Config) -> Result<()> {
         _ = stop.notified() => tracing::info!("shutdown requested"),
     }
     flusher.abort();
+    rebuild_poller.abort();
     let closed = shared.lock().expect("state lock").close();
     let _ = std::fs::remove_file(&config.control);
     endpoint.close(crate::transport::endpoint::CLOSE_OK, "agent stopping");

@@ -30,13 +30,15 @@ pub struct Tracked {
 
 /// Everything the agent holds.
 pub struct AgentState {
-    store: Store,
+    pub(crate) store: Store,
     /// Tracked disks.
     pub disks: BTreeMap<DiskId, Tracked>,
     /// Disks this agent will accept as a migration destination.
     pub expectations: Vec<Expectation>,
     /// Migrations, running or finished (the last one per disk, for `migrate status`).
     pub migrations: BTreeMap<DiskId, Migration>,
+    /// Rebuild jobs, running or finished (the last one per disk), and their configuration.
+    pub rebuilds: super::rebuild::Rebuilds,
     started: Instant,
     flushes: u64,
 }
@@ -75,6 +77,7 @@ impl AgentState {
             disks,
             expectations,
             migrations: BTreeMap::new(),
+            rebuilds: Default::default(),
             started: Instant::now(),
             flushes: 0,
         })
@@ -98,6 +101,7 @@ impl AgentState {
 
     /// Clean shutdown: every `recording` bitmap is committed back as `consistent`.
     pub fn close(&mut self) -> Result<(), StoreError> {
+        self.stop_rebuilds();
         for t in self.disks.values_mut() {
             if let Some(b) = t.bits.as_mut()
                 && (t.unflushed || t.meta.state == State::Recording)
@@ -164,11 +168,22 @@ impl AgentState {
     }
 
     /// A post-copy was cut short: the disk stays `incomplete` with its local marks until a
-    /// rebuild against the checkpoint's reference completes.
+    /// rebuild against the checkpoint's reference completes; the agent starts that rebuild by
+    /// itself when a `[[reference]]` is configured for the disk.
     pub fn rebuild_needed(&mut self, disk: &DiskId, reason: &str) {
         if let Some(t) = self.disks.get_mut(disk) {
             t.meta.reason = Some(format!("{reason}; rebuild needed"));
+            // Durably, so an agent restarted before the rebuild still knows it is needed.
+            if let Some(b) = t.bits.as_mut() {
+                match self.store.commit(&mut t.meta, b) {
+                    Ok(()) => t.unflushed = false,
+                    Err(e) => {
+                        tracing::error!(%disk, error = %e, "could not record that a rebuild is needed")
+                    }
+                }
+            }
         }
+        self.auto_rebuild(disk);
     }
 
     /// Perform a migration destination's commit: take the disk over at the session's epoch,
@@ -250,6 +265,8 @@ impl AgentState {
                 Ok(v)
             }
             Request::Mark { disk, ranges } => {
+                // A running rebuild gets every mark (docs/rebuild.md §In the agent).
+                let rebuilding = self.rebuild_mark(&disk, &ranges)?;
                 // A running migration gets every mark too (docs/protocol.md §5).
                 let forwarded = match self.migrations.get(&disk) {
                     Some(m) if m.active() => m.cmd.send(Cmd::Mark(ranges.clone())).is_ok(),
@@ -258,7 +275,10 @@ impl AgentState {
                 if forwarded && !self.disks.contains_key(&disk) {
                     return Ok(json!({"disk": disk, "forwarded_to_migration": true}));
                 }
-                let t = self.tracked(&disk)?;
+                let t = self
+                    .disks
+                    .get_mut(&disk)
+                    .ok_or(StoreError::NotFound(disk.clone()))?;
                 let Some(bits) = t.bits.as_mut() else {
                     return Err(Failure::untrusted(format!(
                         "bitmap for {disk} is unreadable; rebuild it before marking"
@@ -266,6 +286,14 @@ impl AgentState {
                 };
                 let newly = mark_all(bits, &ranges)?;
                 t.unflushed |= newly > 0;
+                if rebuilding || t.meta.state == State::Rebuilding {
+                    // Write-through: a resumed rebuild trusts this entry to hold every
+                    // acknowledged mark since its first run began.
+                    if t.unflushed {
+                        self.store.commit(&mut t.meta, bits)?;
+                        t.unflushed = false;
+                    }
+                }
                 metrics::counter!("bitferry_marks_total").increment(ranges.len() as u64);
                 Ok(mark_report(&t.meta, bits, newly))
             }
@@ -332,6 +360,7 @@ impl AgentState {
                 "disks": self.disks.len(),
                 "expectations": self.expectations,
                 "flushes": self.flushes,
+                "rebuilds": self.rebuild_reports(),
             })),
             Request::Shutdown => Ok(json!({"shutting_down": true})),
             Request::MigrateStart { .. } => {
@@ -357,6 +386,26 @@ impl AgentState {
                 let _ = m.cmd.send(Cmd::Abort);
                 Ok(json!({"disk": disk, "abort": true}))
             }
+            Request::RebuildStart {
+                disk,
+                image,
+                manifest,
+                backup,
+                granularity,
+                rate,
+            } => self.start_rebuild(
+                super::rebuild::JobSpec {
+                    disk,
+                    image,
+                    manifest,
+                    backup,
+                    granularity,
+                    rate,
+                },
+                false,
+            ),
+            Request::RebuildStatus { disk } => self.rebuild_status(disk.as_ref()),
+            Request::RebuildCancel { disk } => self.cancel_rebuild(&disk),
         }
     }
 }

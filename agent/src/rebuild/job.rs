@@ -283,6 +283,12 @@ impl RebuildJob {
             }),
             None => None,
         };
+        // A resumed job keeps persisting under the tag it was started with, so it can be
+        // resumed again after another interruption.
+        let mut config = config;
+        if let Some(s) = &resume {
+            config.tag = s.tag.clone();
+        }
         Ok(RebuildJob {
             marks: Arc::new(Mutex::new(Bitmap::new(geometry))),
             config,
