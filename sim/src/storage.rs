@@ -93,7 +93,13 @@ impl SimStorage {
 
 impl Storage for SimStorage {
     fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
-        Ok(self.inner.lock().expect("storage lock").visible.get(name).cloned())
+        Ok(self
+            .inner
+            .lock()
+            .expect("storage lock")
+            .visible
+            .get(name)
+            .cloned())
     }
 
     fn write_atomic(&mut self, name: &str, data: &[u8]) -> io::Result<()> {
