@@ -121,6 +121,8 @@ pub struct HostMig {
     pub dec: FrameDecoder,
     /// Last time a complete message or payload came out of the decoder (µs).
     pub last_item: u64,
+    /// Messages decoded so far.
+    pub messages: u32,
 }
 
 /// One simulated host.

@@ -193,7 +193,11 @@ pub fn at_end(w: &mut World) {
 pub fn precision(w: &World) -> Option<f64> {
     w.hosts.iter().find_map(|h| match &h.role {
         Role::Owner(Track::Live { meta, bitmap }) => {
-            let n = meta.checkpoint.as_ref().and_then(checkpoint_index)?;
+            let n = meta
+                .checkpoint
+                .as_ref()
+                .and_then(checkpoint_index)
+                .filter(|&n| w.truth.has(n))?;
             let truth = w.truth.changed(n).len() as f64;
             (truth > 0.0).then(|| (bitmap.count() as f64 - truth) / truth)
         }

@@ -313,6 +313,11 @@ impl World {
             if !self.violations.is_empty() {
                 return;
             }
+            if !self.faults_on && self.steps.is_multiple_of(16) && self.settled() {
+                // Nothing can change any more but the VM writing: stop early.
+                self.log(|| "settled".into());
+                break;
+            }
         }
         self.now = self.plan.end;
         self.recheck = true;
@@ -320,6 +325,24 @@ impl World {
         if self.violations.is_empty() {
             crate::check::at_end(self);
         }
+    }
+
+    /// Every migration ended, every host is up with a plain role, one owner, VM running.
+    fn settled(&self) -> bool {
+        let plain = self.hosts.iter().all(|h| {
+            h.up && h.mig.is_none()
+                && match &h.role {
+                    Role::None => true,
+                    Role::Owner(Track::Live { meta, .. }) => meta.state == State::Recording,
+                    _ => false,
+                }
+        });
+        plain
+            && self.vm.on.is_some()
+            && self
+                .conns
+                .values()
+                .all(|c| c.ends.iter().all(|e| !e.alive || e.session_done))
     }
 
     fn step(&mut self, ev: Ev) {
@@ -921,6 +944,7 @@ impl World {
             sess: Sess::Src(Box::new(ss)),
             dec: FrameDecoder::new(),
             last_item: self.now,
+            messages: 0,
         });
         if d_up {
             let policy = DestPolicy {
@@ -938,6 +962,7 @@ impl World {
                 sess: Sess::Dst(Box::new(DestSession::new(policy))),
                 dec: FrameDecoder::new(),
                 last_item: self.now,
+                messages: 0,
             });
         }
         self.migs[i] = MigRec {
@@ -1008,7 +1033,13 @@ impl World {
             return Ok(());
         };
         if !rec.switched && (since >= mp.switch_after || force) {
-            if ss.switchover(mp.postcopy).is_ok() {
+            // A destination that did not negotiate post-copy gets a pre-copy switchover, as a
+            // hook would fall back (the Welcome decides, docs/protocol.md §4).
+            let ok = match ss.switchover(mp.postcopy) {
+                Err(wire::proto::UsageError::PostcopyUnavailable) => ss.switchover(false).is_ok(),
+                r => r.is_ok(),
+            };
+            if ok {
                 self.migs[i].switched = true;
                 // The hypervisor paused the VM for the switchover.
                 if self.vm.on == Some(s) {
@@ -1264,7 +1295,20 @@ impl World {
         if bytes.is_empty() {
             return Ok(());
         }
-        if self.wire_corrupt_armed > 0 {
+        // `wire-corruption` hits data after the handshake (Hello/Offer, Welcome/Accept);
+        // `offer-corruption` hits the handshake itself.
+        let seen = self.hosts[host]
+            .mig
+            .as_ref()
+            .filter(|m| m.conn == conn)
+            .map(|m| m.messages);
+        let eligible = match seen {
+            None => false,
+            // The Offer (at the destination) or the Accept (at the source).
+            Some(n) if self.plan.corrupt_handshake => n == 1,
+            Some(n) => n >= 2,
+        };
+        if self.wire_corrupt_armed > 0 && eligible {
             self.wire_corrupt_armed -= 1;
             let at = self.rng.random_range(0..bytes.len());
             let bit = self.rng.random_range(0..8);
@@ -1289,6 +1333,9 @@ impl World {
             let item = m.dec.next_item();
             if matches!(item, Ok(Some(_))) {
                 m.last_item = self.now;
+            }
+            if matches!(item, Ok(Some(Incoming::Message(_)))) {
+                m.messages += 1;
             }
             let name = self.hosts[h].name.clone();
             match &item {

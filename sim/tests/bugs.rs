@@ -1,0 +1,89 @@
+//! Checker self-tests: every deliberate bug is caught, on a seed that replays.
+
+use sim::run::replay_command;
+use sim::{Bug, Scenario, run_seed};
+
+/// Runs `seeds` of `scenarios` with `bug`; returns the first failing (seed, scenario).
+fn first_failure(bug: Bug, scenarios: &[Scenario], seeds: u64) -> Option<(u64, Scenario)> {
+    for &sc in scenarios {
+        for seed in 0..seeds {
+            if !run_seed(seed, sc, &[bug], false).violations.is_empty() {
+                return Some((seed, sc));
+            }
+        }
+    }
+    None
+}
+
+fn caught(bug: Bug, scenarios: &[Scenario]) {
+    let Some((seed, sc)) = first_failure(bug, scenarios, 200) else {
+        panic!("bug {} was never caught", bug.name());
+    };
+    // The failing seed replays to the same violation, and the same seed is clean without the bug.
+    let a = run_seed(seed, sc, &[bug], false);
+    let b = run_seed(seed, sc, &[bug], false);
+    assert!(!a.violations.is_empty());
+    assert_eq!(a.violations, b.violations);
+    let clean = run_seed(seed, sc, &[], false);
+    assert!(
+        clean.violations.is_empty(),
+        "seed {seed} fails without the bug too: {:?}",
+        clean.violations
+    );
+    eprintln!(
+        "{} caught: {}\n  replay: {}",
+        bug.name(),
+        a.violations[0],
+        replay_command(seed, sc, &[bug])
+    );
+}
+
+#[test]
+fn skip_fsync_is_caught() {
+    caught(
+        Bug::SkipFsync,
+        &[Scenario::SourceCrash, Scenario::DestCrash],
+    );
+}
+
+#[test]
+fn missing_handover_mark_is_caught() {
+    caught(
+        Bug::NoHandoverMark,
+        &[Scenario::SourceCrash, Scenario::TornWrite],
+    );
+}
+
+#[test]
+fn trusting_recording_after_restart_is_caught() {
+    caught(
+        Bug::ConsistentOnRestart,
+        &[Scenario::Rebuild, Scenario::SourceCrash],
+    );
+}
+
+#[test]
+fn recording_written_as_consistent_is_caught() {
+    caught(Bug::RecordingAsConsistent, &[Scenario::Precopy]);
+}
+
+#[test]
+fn rebuild_missing_early_writes_is_caught() {
+    caught(Bug::RebuildMarksLate, &[Scenario::Rebuild]);
+}
+
+/// Known protocol gap (docs/simulation.md): a corrupted Offer can change the checkpoint id or
+/// the disk size without any hash noticing. When the protocol binds the Offer's metadata into
+/// a verified hash, this test fails: move `offer-corruption` into the default set then.
+#[test]
+fn offer_corruption_gap_is_still_found() {
+    let hit = (0..200).find(|&seed| {
+        !run_seed(seed, Scenario::OfferCorruption, &[], false)
+            .violations
+            .is_empty()
+    });
+    assert!(
+        hit.is_some(),
+        "offer corruption no longer finds anything: the gap looks fixed"
+    );
+}
