@@ -117,6 +117,19 @@ pub fn after_step(w: &mut World) {
         .filter(|&h| w.hosts[h].up)
         .filter_map(|h| w.hosts[h].role.owner_epoch().map(|e| (h, e)))
         .collect();
+    // One owner per epoch: an epoch, once owned by a host, is never owned by another.
+    for &(h, e) in &owners {
+        match w.epoch_owner.get(&e) {
+            Some(&first) if first != h => found.push(format!(
+                "epoch {e} owned by {} after {} owned it",
+                w.hosts[h].name, w.hosts[first].name
+            )),
+            Some(_) => {}
+            None => {
+                w.epoch_owner.insert(e, h);
+            }
+        }
+    }
     if owners.len() > 1 {
         found.push(format!(
             "two owners: {}",

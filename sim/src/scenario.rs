@@ -178,7 +178,37 @@ pub struct CrashPlan {
     pub corrupt_file: bool,
     /// Down for this long.
     pub down_for: u64,
+    /// Instead of crashing at `at`, arm at `at` and crash right after the target sends
+    /// (`true`) or handles (`false`) the first message of this name: every protocol phase.
+    pub on_message: Option<(bool, &'static str)>,
 }
+
+/// Messages a source sends / handles, and a destination sends / handles.
+const SOURCE_POINTS: [(bool, &str); 11] = [
+    (true, "Hello"),
+    (true, "Offer"),
+    (true, "Chunk"),
+    (true, "Delta"),
+    (true, "RoundEnd"),
+    (true, "Switchover"),
+    (true, "Retired"),
+    (false, "Welcome"),
+    (false, "Accept"),
+    (false, "RoundAck"),
+    (false, "Committed"),
+];
+const DEST_POINTS: [(bool, &str); 10] = [
+    (true, "Welcome"),
+    (true, "Accept"),
+    (true, "RoundAck"),
+    (true, "Committed"),
+    (false, "Hello"),
+    (false, "Offer"),
+    (false, "Chunk"),
+    (false, "RoundEnd"),
+    (false, "Switchover"),
+    (false, "Retired"),
+];
 
 /// Everything a seed decided up front.
 #[derive(Debug, Clone)]
@@ -312,15 +342,24 @@ impl Plan {
             in_write,
             corrupt_file,
             down_for: rng.random_range(5 * MS..=300 * MS),
+            on_message: None,
         };
         match scenario {
-            Scenario::SourceCrash => {
+            Scenario::SourceCrash | Scenario::DestCrash => {
+                let (target, points) = if scenario == Scenario::SourceCrash {
+                    (Target::Source, &SOURCE_POINTS[..])
+                } else {
+                    (Target::Dest, &DEST_POINTS[..])
+                };
                 let w = rng.random_bool(0.3);
-                p.crashes.push(crash(rng, Target::Source, w, false));
-            }
-            Scenario::DestCrash => {
-                let w = rng.random_bool(0.3);
-                p.crashes.push(crash(rng, Target::Dest, w, false));
+                let mut c = crash(rng, target, w, false);
+                if rng.random_bool(0.5) {
+                    // Armed at the start; fires at the chosen protocol step.
+                    c.at = m0;
+                    c.in_write = false;
+                    c.on_message = Some(points[rng.random_range(0..points.len())]);
+                }
+                p.crashes.push(c);
             }
             Scenario::TornWrite => {
                 let target = [Target::Source, Target::Dest, Target::Owner][rng.random_range(0..3)];
@@ -333,6 +372,7 @@ impl Plan {
                     in_write: false,
                     corrupt_file: rng.random_bool(0.5),
                     down_for: rng.random_range(5 * MS..=50 * MS),
+                    on_message: None,
                 };
                 p.crashes.push(c);
                 p.rebuild_steps = rng.random_range(16..=48);

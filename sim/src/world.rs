@@ -8,7 +8,7 @@ use crate::net::{Conn, NetCtx, NetParams, Packet, TICK, TickResult};
 use crate::scenario::{Bug, Plan, Scenario, Side, Target};
 use crate::storage::{Durability, SimStorage};
 use crate::truth::{Truth, checkpoint_id, checkpoint_index};
-use agent::store::{Access, Meta, Store, StoreError};
+use agent::store::{Access, Meta, Storage, Store, StoreError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::cmp::Ordering;
@@ -22,6 +22,8 @@ use wire::proto::{
 use wire::{Bitmap, DiskId, Geometry, State};
 
 const MS: u64 = 1_000;
+/// The epoch tombstone's file name (not a `.bfb`, so the store ignores it).
+const EPOCH_FILE: &str = "epoch-tombstone";
 /// Retry period of in-doubt resolution.
 const RESOLVE_EVERY: u64 = 20 * MS;
 /// Period of the migration orchestrator.
@@ -149,6 +151,10 @@ pub struct World {
     pub(crate) recheck: bool,
     /// Blocks written by the last step, for the incremental check.
     pub(crate) last_write: Option<(u64, u64)>,
+    /// Armed message-triggered crashes: (host, sent?, message name).
+    crash_on: Vec<(usize, bool, &'static str)>,
+    /// Which host first owned each epoch (ownership claims must be unique per epoch).
+    pub(crate) epoch_owner: BTreeMap<u64, usize>,
     /// Stored-file cache for the checker: per host, (disk writes, disk generation) → verdict.
     pub(crate) file_cache: Vec<Option<((u64, u64), crate::check::FileVerdict)>>,
     steps: u64,
@@ -209,6 +215,8 @@ impl World {
             trace: trace.then(Vec::new),
             recheck: true,
             last_write: None,
+            crash_on: Vec::new(),
+            epoch_owner: BTreeMap::new(),
             file_cache: vec![None, None],
             steps: 0,
         };
@@ -371,6 +379,7 @@ impl World {
             }
             Ev::FaultsEnd => {
                 self.faults_on = false;
+                self.crash_on.clear();
                 self.net = NetParams::calm(self.plan.net.latency);
                 self.wire_corrupt_armed = 0;
                 for h in &self.hosts {
@@ -570,6 +579,32 @@ impl World {
         self.after_store_op(h, r)
     }
 
+    /// Durably remember the highest epoch this host knows for the disk, in a small file beside
+    /// the store that survives retiring the bitmap (docs/simulation.md, rule 7).
+    fn tombstone_write(&mut self, h: usize, epoch: u64) -> Step {
+        let epoch = epoch.max(self.tombstone_read(h));
+        let mut fs = self.hosts[h].fs.clone();
+        let r = fs
+            .write_atomic(EPOCH_FILE, format!("epoch {epoch}\n").as_bytes())
+            .map_err(|e| StoreError::Io {
+                path: EPOCH_FILE.into(),
+                source: e,
+            });
+        self.after_store_op(h, r)
+    }
+
+    /// The remembered epoch (0 if none or unreadable).
+    fn tombstone_read(&self, h: usize) -> u64 {
+        self.hosts[h]
+            .fs
+            .read(EPOCH_FILE)
+            .ok()
+            .flatten()
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| s.strip_prefix("epoch ")?.strip_suffix('\n')?.parse().ok())
+            .unwrap_or(0)
+    }
+
     // ----------------------------------------------------------------------------------------
     // Crashes, restarts, resolution
 
@@ -597,7 +632,12 @@ impl World {
             let hn = self.hosts[h].name.clone();
             self.log(|| format!("{hn}: media corruption of its store file ({hit})"));
         }
-        if c.in_write {
+        if let Some((sent, name)) = c.on_message {
+            let hn = self.hosts[h].name.clone();
+            let verb = if sent { "sending" } else { "handling" };
+            self.log(|| format!("{hn}: will crash after {verb} {name}"));
+            self.crash_on.push((h, sent, name));
+        } else if c.in_write {
             // Fires at the host's next store write; disarmed when the faults end.
             let hn = self.hosts[h].name.clone();
             self.log(|| format!("{hn}: will crash inside its next store write"));
@@ -606,6 +646,23 @@ impl World {
             self.crash_now(h, false);
         }
         Ok(())
+    }
+
+    /// Crash `h` here if a message-triggered crash is armed for this point.
+    fn crash_point(&mut self, h: usize, sent: bool, name: &'static str) -> Step {
+        if !self.faults_on || !self.hosts[h].up {
+            return Ok(());
+        }
+        let Some(i) = self
+            .crash_on
+            .iter()
+            .position(|&(x, s, n)| x == h && s == sent && n == name)
+        else {
+            return Ok(());
+        };
+        self.crash_on.remove(i);
+        self.crash_now(h, false);
+        Err(Crashed)
     }
 
     fn crash_now(&mut self, h: usize, tear: bool) {
@@ -759,10 +816,17 @@ impl World {
         let name = self.hosts[h].name.clone();
         if let Some(e) = peer_owner {
             self.log(|| format!("{name}: resolve: peer owns at epoch {e}; dropping my copy"));
+            self.tombstone_write(h, e)?;
             self.store_remove(h)?;
             self.set_role(h, Role::None);
             return Ok(());
         }
+        // A new claim must use an epoch nobody ever used: the highest either side knows of,
+        // including the tombstones that survive retired copies, plus one.
+        let known = peer_epoch
+            .unwrap_or(0)
+            .max(self.tombstone_read(h))
+            .max(self.tombstone_read(p));
         let role = std::mem::replace(&mut self.hosts[h].role, Role::None);
         match role {
             Role::InDoubt {
@@ -771,7 +835,7 @@ impl World {
             } if peer_nothing => {
                 // The peer never durably owned the disk, so the VM never ran there: the
                 // handed-over copy is complete (the VM was paused since). Take it back.
-                meta.epoch = meta.epoch.max(peer_epoch.unwrap_or(0)) + 1;
+                meta.epoch = meta.epoch.max(known) + 1;
                 meta.state = State::Recording;
                 meta.reason = None;
                 self.log(|| format!("{name}: resolve: peer holds nothing; reclaiming"));
@@ -785,12 +849,12 @@ impl World {
                 self.store_commit(h, &mut meta, &mut bitmap)
             }
             Role::InDoubt { mut meta, bitmap } => {
-                meta.epoch = meta.epoch.max(peer_epoch.unwrap_or(0)) + 1;
+                meta.epoch = meta.epoch.max(known) + 1;
                 self.log(|| format!("{name}: resolve: nobody owns; rebuilding"));
                 self.begin_rebuild(h, meta, Some(bitmap))
             }
             Role::Unknown { epoch } => {
-                let epoch = epoch.unwrap_or(0).max(peer_epoch.unwrap_or(0)) + 1;
+                let epoch = epoch.unwrap_or(0).max(known) + 1;
                 let meta = Meta {
                     disk: self.disk.clone(),
                     geometry: self.geom,
@@ -1091,10 +1155,12 @@ impl World {
                 self.log(|| format!("{name}: send {mname}"));
                 let bytes = frame::encode(&msg).expect("sessions emit encodable messages");
                 self.net_write(conn, side, &bytes);
+                self.crash_point(h, true, mname)?;
             }
             Action::SendPayload(p) => self.net_write(conn, side, &p),
             Action::Commit { meta, bitmap } => self.dest_commit(h, id, meta, bitmap)?,
-            Action::Retire { .. } => {
+            Action::Retire { epoch, .. } => {
+                self.tombstone_write(h, epoch)?;
                 self.store_remove(h)?;
                 self.set_role(h, Role::None);
             }
@@ -1356,6 +1422,10 @@ impl World {
             // Exactly what a real driver does with each decoded item (docs/protocol.md §9);
             // usage errors (a finished session) are ignored as a driver would.
             let failed = item.is_err();
+            let handled = match &item {
+                Ok(Some(Incoming::Message(msg))) => Some(msg.name()),
+                _ => None,
+            };
             let _ = match (item, &mut m.sess) {
                 (Ok(Some(Incoming::Message(msg))), Sess::Src(s)) => s.handle(msg),
                 (Ok(Some(Incoming::Message(msg))), Sess::Dst(d)) => d.handle(msg),
@@ -1367,6 +1437,10 @@ impl World {
             };
             if failed {
                 return self.drive(h);
+            }
+            if let Some(n) = handled {
+                self.drive(h)?;
+                self.crash_point(h, false, n)?;
             }
             self.drive(h)?;
         }
