@@ -123,6 +123,8 @@ pub struct HostMig {
     pub last_item: u64,
     /// Messages decoded so far.
     pub messages: u32,
+    /// Drop the next payload (deliberate bug `dest-skips-chunk`).
+    pub skip_payload: bool,
 }
 
 /// One simulated host.

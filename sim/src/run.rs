@@ -21,6 +21,9 @@ pub struct RunResult {
     pub switch_bytes: Vec<u64>,
     /// The event log, when asked for.
     pub trace: Vec<String>,
+    /// Migrations whose destination dropped a chunk (bug `dest-skips-chunk`): how each
+    /// destination session ended (None: killed by a crash or still running).
+    pub skipped: Vec<Option<wire::proto::Outcome>>,
 }
 
 /// Run one seed.
@@ -30,14 +33,21 @@ pub fn run_seed(seed: u64, scenario: Scenario, bugs: &[Bug], trace: bool) -> Run
         w.run();
         let precision = check::precision(&w);
         let switch_bytes = w.migs.iter().filter_map(|m| m.switch_bytes).collect();
+        let skipped = w
+            .migs
+            .iter()
+            .filter(|m| m.chunk_skipped)
+            .map(|m| m.dst_end)
+            .collect();
         (
             w.violations,
             precision,
             switch_bytes,
             w.trace.unwrap_or_default(),
+            skipped,
         )
     }));
-    let (violations, precision, switch_bytes, trace) = match r {
+    let (violations, precision, switch_bytes, trace, skipped) = match r {
         Ok(v) => v,
         Err(p) => {
             let msg = p
@@ -45,7 +55,13 @@ pub fn run_seed(seed: u64, scenario: Scenario, bugs: &[Bug], trace: bool) -> Run
                 .map(|s| s.to_string())
                 .or_else(|| p.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "non-string panic".into());
-            (vec![format!("panic: {msg}")], None, Vec::new(), Vec::new())
+            (
+                vec![format!("panic: {msg}")],
+                None,
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+            )
         }
     };
     RunResult {
@@ -55,6 +71,7 @@ pub fn run_seed(seed: u64, scenario: Scenario, bugs: &[Bug], trace: bool) -> Run
         precision,
         switch_bytes,
         trace,
+        skipped,
     }
 }
 

@@ -101,16 +101,21 @@ pub enum Bug {
     RecordingAsConsistent,
     /// The rebuild starts recording writes only halfway through its scan.
     RebuildMarksLate,
+    /// The destination's driver drops one chunk (header and payload) before the session sees
+    /// it. The protocol's root checks must catch this one: no violation may follow, and the
+    /// migration must not complete as if nothing happened.
+    DestSkipsChunk,
 }
 
 impl Bug {
     /// Every bug.
-    pub const ALL: [Bug; 5] = [
+    pub const ALL: [Bug; 6] = [
         Bug::SkipFsync,
         Bug::NoHandoverMark,
         Bug::ConsistentOnRestart,
         Bug::RecordingAsConsistent,
         Bug::RebuildMarksLate,
+        Bug::DestSkipsChunk,
     ];
 
     /// Its command-line name.
@@ -121,6 +126,7 @@ impl Bug {
             Bug::ConsistentOnRestart => "consistent-on-restart",
             Bug::RecordingAsConsistent => "recording-as-consistent",
             Bug::RebuildMarksLate => "rebuild-marks-late",
+            Bug::DestSkipsChunk => "dest-skips-chunk",
         }
     }
 

@@ -113,6 +113,8 @@ pub struct MigRec {
     pub dst_end: Option<Outcome>,
     /// Bytes the source sent during switchover, when it completed.
     pub switch_bytes: Option<u64>,
+    /// The destination's driver dropped a chunk (deliberate bug).
+    pub chunk_skipped: bool,
 }
 
 /// The simulated world of one seed.
@@ -1009,6 +1011,7 @@ impl World {
             dec: FrameDecoder::new(),
             last_item: self.now,
             messages: 0,
+            skip_payload: false,
         });
         if d_up {
             let policy = DestPolicy {
@@ -1027,6 +1030,7 @@ impl World {
                 dec: FrameDecoder::new(),
                 last_item: self.now,
                 messages: 0,
+                skip_payload: false,
             });
         }
         self.migs[i] = MigRec {
@@ -1421,6 +1425,22 @@ impl World {
             };
             // Exactly what a real driver does with each decoded item (docs/protocol.md §9);
             // usage errors (a finished session) are ignored as a driver would.
+            // Deliberate bug: drop one chunk with a payload, header and bytes.
+            if self.bugs.contains(&Bug::DestSkipsChunk) && matches!(m.sess, Sess::Dst(_)) {
+                let skip = match &item {
+                    Ok(Some(Incoming::Message(Message::Chunk(c)))) => {
+                        c.payload_len > 0 && !self.migs[m.id].chunk_skipped
+                    }
+                    Ok(Some(Incoming::Payload(_))) => m.skip_payload,
+                    _ => false,
+                };
+                if skip {
+                    let is_payload = matches!(item, Ok(Some(Incoming::Payload(_))));
+                    m.skip_payload = !is_payload;
+                    self.migs[m.id].chunk_skipped = true;
+                    continue;
+                }
+            }
             let failed = item.is_err();
             let handled = match &item {
                 Ok(Some(Incoming::Message(msg))) => Some(msg.name()),

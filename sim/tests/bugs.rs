@@ -87,3 +87,30 @@ fn offer_corruption_gap_is_still_found() {
         "offer corruption no longer finds anything: the gap looks fixed"
     );
 }
+
+/// A chunk dropped by the destination's driver is the protocol's to catch (chunk hashes and
+/// roots): no safety violation follows, and migrations that lost a chunk whose content mattered
+/// do not complete as if nothing happened.
+#[test]
+fn dropped_chunk_is_caught_by_the_protocol() {
+    let (mut skipped, mut stopped) = (0, 0);
+    for sc in [Scenario::Precopy, Scenario::Postcopy] {
+        for seed in 0..60 {
+            let r = run_seed(seed, sc, &[Bug::DestSkipsChunk], false);
+            assert!(
+                r.violations.is_empty(),
+                "seed {seed}: {:?}\n  replay: {}",
+                r.violations,
+                replay_command(seed, sc, &[Bug::DestSkipsChunk])
+            );
+            skipped += r.skipped.len();
+            stopped += r
+                .skipped
+                .iter()
+                .filter(|o| !matches!(o, Some(wire::proto::Outcome::Migrated { .. })))
+                .count();
+        }
+    }
+    assert!(skipped > 10, "only {skipped} chunks dropped");
+    assert!(stopped > skipped / 2, "{stopped} of {skipped} noticed");
+}
