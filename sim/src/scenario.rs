@@ -105,17 +105,21 @@ pub enum Bug {
     /// it. The protocol's root checks must catch this one: no violation may follow, and the
     /// migration must not complete as if nothing happened.
     DestSkipsChunk,
+    /// The hook resumes a post-copy VM on the destination at switchover, without waiting for
+    /// the destination's ownership commit.
+    ResumeBeforeOwnership,
 }
 
 impl Bug {
     /// Every bug.
-    pub const ALL: [Bug; 6] = [
+    pub const ALL: [Bug; 7] = [
         Bug::SkipFsync,
         Bug::NoHandoverMark,
         Bug::ConsistentOnRestart,
         Bug::RecordingAsConsistent,
         Bug::RebuildMarksLate,
         Bug::DestSkipsChunk,
+        Bug::ResumeBeforeOwnership,
     ];
 
     /// Its command-line name.
@@ -127,6 +131,7 @@ impl Bug {
             Bug::RecordingAsConsistent => "recording-as-consistent",
             Bug::RebuildMarksLate => "rebuild-marks-late",
             Bug::DestSkipsChunk => "dest-skips-chunk",
+            Bug::ResumeBeforeOwnership => "resume-before-ownership",
         }
     }
 

@@ -1114,6 +1114,10 @@ impl World {
                     self.vm.on = None;
                 }
                 self.vm.paused_by = Some(i);
+                if mp.postcopy && self.has(Bug::ResumeBeforeOwnership) && self.hosts[d].up {
+                    self.vm.paused_by = None;
+                    self.vm.on = Some(d);
+                }
                 self.log(|| format!("migration {i}: switchover (VM paused)"));
                 return self.drive(s);
             }

@@ -114,3 +114,8 @@ fn dropped_chunk_is_caught_by_the_protocol() {
     assert!(skipped > 10, "only {skipped} chunks dropped");
     assert!(stopped > skipped / 2, "{stopped} of {skipped} noticed");
 }
+
+#[test]
+fn resuming_before_ownership_is_caught() {
+    caught(Bug::ResumeBeforeOwnership, &[Scenario::Postcopy]);
+}
