@@ -125,6 +125,8 @@ pub struct HostMig {
     pub messages: u32,
     /// Drop the next payload (deliberate bug `dest-skips-chunk`).
     pub skip_payload: bool,
+    /// When this side sent (source) or handled (destination) the Switchover.
+    pub switched_at: Option<u64>,
 }
 
 /// One simulated host.

@@ -22,8 +22,8 @@ use wire::proto::{
 use wire::{Bitmap, DiskId, Geometry, State};
 
 const MS: u64 = 1_000;
-/// The epoch tombstone's file name (not a `.bfb`, so the store ignores it).
-const EPOCH_FILE: &str = "epoch-tombstone";
+/// The epoch tombstone's two copies (not `.bfb`, so the store ignores them).
+const EPOCH_FILES: [&str; 2] = ["epoch-tombstone.0", "epoch-tombstone.1"];
 /// Retry period of in-doubt resolution.
 const RESOLVE_EVERY: u64 = 20 * MS;
 /// Period of the migration orchestrator.
@@ -31,6 +31,10 @@ const DRIVE_EVERY: u64 = 3 * MS;
 /// A partial frame that does not complete for this long is a framing error: a corrupted
 /// length prefix would otherwise leave both ends waiting forever behind healthy keep-alives.
 pub const FRAME_STALL: u64 = 250 * MS;
+/// A session that switched over and has not finished this long after is aborted: a corrupted
+/// `postcopy` flag can leave a pre-copy source waiting for Committed and a post-copy destination
+/// waiting for chunks, forever, behind healthy keep-alives (found by the simulator).
+pub const SWITCH_DEADLINE: u64 = 500 * MS;
 
 /// The host crashed in the middle of what it was doing; stop processing for it.
 #[derive(Debug)]
@@ -296,13 +300,11 @@ impl World {
     }
 
     pub(crate) fn set_role(&mut self, h: usize, role: Role) {
-        let (from, to) = (self.hosts[h].role.name(), role.name());
+        let to = role.name();
         self.hosts[h].role = role;
         self.recheck = true;
-        if from != to {
-            let name = self.hosts[h].name.clone();
-            self.log(|| format!("{name}: role {from} -> {to}"));
-        }
+        let name = self.hosts[h].name.clone();
+        self.log(|| format!("{name}: role -> {to}"));
     }
 
     /// Run to the end of the plan, checking after every step. Stops at the first violation.
@@ -558,6 +560,10 @@ impl World {
 
     fn store_commit(&mut self, h: usize, meta: &mut Meta, bitmap: &mut Bitmap) -> Step {
         self.recheck = true;
+        if meta.epoch > self.tombstone_read(h) {
+            // Remember every epoch this host takes before its file says so (rule 7).
+            self.tombstone_write(h, meta.epoch)?;
+        }
         let name = self.hosts[h].name.clone();
         let (state, epoch) = (meta.state, meta.epoch);
         self.log(|| format!("{name}: commit {state} epoch {epoch}"));
@@ -583,27 +589,32 @@ impl World {
 
     /// Durably remember the highest epoch this host knows for the disk, in a small file beside
     /// the store that survives retiring the bitmap (docs/simulation.md, rule 7).
+    /// Two copies, written one after the other, so a write torn by a crash leaves the other.
     fn tombstone_write(&mut self, h: usize, epoch: u64) -> Step {
         let epoch = epoch.max(self.tombstone_read(h));
-        let mut fs = self.hosts[h].fs.clone();
-        let r = fs
-            .write_atomic(EPOCH_FILE, format!("epoch {epoch}\n").as_bytes())
-            .map_err(|e| StoreError::Io {
-                path: EPOCH_FILE.into(),
-                source: e,
-            });
-        self.after_store_op(h, r)
+        for slot in EPOCH_FILES {
+            let mut fs = self.hosts[h].fs.clone();
+            let r = fs
+                .write_atomic(slot, format!("epoch {epoch}\n").as_bytes())
+                .map_err(|e| StoreError::Io {
+                    path: slot.into(),
+                    source: e,
+                });
+            self.after_store_op(h, r)?;
+        }
+        Ok(())
     }
 
-    /// The remembered epoch (0 if none or unreadable).
+    /// The remembered epoch: the highest readable copy (0 if none).
     fn tombstone_read(&self, h: usize) -> u64 {
-        self.hosts[h]
-            .fs
-            .read(EPOCH_FILE)
-            .ok()
-            .flatten()
-            .and_then(|b| String::from_utf8(b).ok())
-            .and_then(|s| s.strip_prefix("epoch ")?.strip_suffix('\n')?.parse().ok())
+        EPOCH_FILES
+            .iter()
+            .filter_map(|slot| {
+                let b = self.hosts[h].fs.read(slot).ok().flatten()?;
+                let s = String::from_utf8(b).ok()?;
+                s.strip_prefix("epoch ")?.strip_suffix('\n')?.parse().ok()
+            })
+            .max()
             .unwrap_or(0)
     }
 
@@ -811,7 +822,8 @@ impl World {
         let peer_owner = self.hosts[p].role.owner_epoch();
         let (peer_epoch, peer_nothing) = match &self.hosts[p].role {
             Role::Owner(_) => (peer_owner, false),
-            Role::InDoubt { meta, .. } => (Some(meta.epoch), false),
+            // It handed the disk over at `epoch`: epoch + 1 may be in use (by us).
+            Role::InDoubt { meta, .. } => (Some(meta.epoch + 1), false),
             Role::Unknown { epoch } => (*epoch, false),
             Role::None => (None, true),
         };
@@ -837,7 +849,8 @@ impl World {
             } if peer_nothing => {
                 // The peer never durably owned the disk, so the VM never ran there: the
                 // handed-over copy is complete (the VM was paused since). Take it back.
-                meta.epoch = meta.epoch.max(known) + 1;
+                // We handed over at `meta.epoch`: the peer may have owned epoch + 1.
+                meta.epoch = (meta.epoch + 1).max(known) + 1;
                 meta.state = State::Recording;
                 meta.reason = None;
                 self.log(|| format!("{name}: resolve: peer holds nothing; reclaiming"));
@@ -851,7 +864,8 @@ impl World {
                 self.store_commit(h, &mut meta, &mut bitmap)
             }
             Role::InDoubt { mut meta, bitmap } => {
-                meta.epoch = meta.epoch.max(known) + 1;
+                // We handed over at `meta.epoch`: the peer may have owned epoch + 1.
+                meta.epoch = (meta.epoch + 1).max(known) + 1;
                 self.log(|| format!("{name}: resolve: nobody owns; rebuilding"));
                 self.begin_rebuild(h, meta, Some(bitmap))
             }
@@ -1012,6 +1026,7 @@ impl World {
             last_item: self.now,
             messages: 0,
             skip_payload: false,
+            switched_at: None,
         });
         if d_up {
             let policy = DestPolicy {
@@ -1031,6 +1046,7 @@ impl World {
                 last_item: self.now,
                 messages: 0,
                 skip_payload: false,
+                switched_at: None,
             });
         }
         self.migs[i] = MigRec {
@@ -1163,6 +1179,11 @@ impl World {
                 self.log(|| format!("{name}: send {mname}"));
                 let bytes = frame::encode(&msg).expect("sessions emit encodable messages");
                 self.net_write(conn, side, &bytes);
+                if mname == "Switchover"
+                    && let Some(m) = self.hosts[h].mig.as_mut()
+                {
+                    m.switched_at = Some(self.now);
+                }
                 self.crash_point(h, true, mname)?;
             }
             Action::SendPayload(p) => self.net_write(conn, side, &p),
@@ -1463,6 +1484,11 @@ impl World {
                 return self.drive(h);
             }
             if let Some(n) = handled {
+                if n == "Switchover"
+                    && let Some(m) = self.hosts[h].mig.as_mut()
+                {
+                    m.switched_at = Some(self.now);
+                }
                 self.drive(h)?;
                 self.crash_point(h, false, n)?;
             }
@@ -1517,6 +1543,20 @@ impl World {
             }
             _ => None,
         };
+        let late = matches!(self.hosts[host].mig.as_ref(),
+            Some(m) if m.conn == conn && up
+                && m.switched_at.is_some_and(|t| self.now.saturating_sub(t) >= SWITCH_DEADLINE));
+        if late {
+            let name = self.hosts[host].name.clone();
+            self.log(|| format!("{name}: switchover deadline passed; aborting"));
+            if let Some(m) = self.hosts[host].mig.as_mut() {
+                let _ = match &mut m.sess {
+                    Sess::Src(s) => s.abort(),
+                    Sess::Dst(d) => d.abort(),
+                };
+            }
+            return self.drive(host);
+        }
         if let Some(b) = stalled {
             let name = self.hosts[host].name.clone();
             self.log(|| format!("{name}: partial frame stalled ({b} bytes buffered)"));
