@@ -24,6 +24,8 @@ pub struct RunResult {
     /// Migrations whose destination dropped a chunk (bug `dest-skips-chunk`): how each
     /// destination session ended (None: killed by a crash or still running).
     pub skipped: Vec<Option<wire::proto::Outcome>>,
+    /// Protocol-step crashes that fired (e.g. "source after sending Switchover").
+    pub crash_points: Vec<String>,
 }
 
 /// Run one seed.
@@ -39,15 +41,17 @@ pub fn run_seed(seed: u64, scenario: Scenario, bugs: &[Bug], trace: bool) -> Run
             .filter(|m| m.chunk_skipped)
             .map(|m| m.dst_end)
             .collect();
+        let fired = w.fired.clone();
         (
             w.violations,
             precision,
             switch_bytes,
             w.trace.unwrap_or_default(),
             skipped,
+            fired,
         )
     }));
-    let (violations, precision, switch_bytes, trace, skipped) = match r {
+    let (violations, precision, switch_bytes, trace, skipped, crash_points) = match r {
         Ok(v) => v,
         Err(p) => {
             let msg = p
@@ -58,6 +62,7 @@ pub fn run_seed(seed: u64, scenario: Scenario, bugs: &[Bug], trace: bool) -> Run
             (
                 vec![format!("panic: {msg}")],
                 None,
+                Vec::new(),
                 Vec::new(),
                 Vec::new(),
                 Vec::new(),
@@ -72,6 +77,7 @@ pub fn run_seed(seed: u64, scenario: Scenario, bugs: &[Bug], trace: bool) -> Run
         switch_bytes,
         trace,
         skipped,
+        crash_points,
     }
 }
 

@@ -365,8 +365,8 @@ impl Plan {
                 let w = rng.random_bool(0.3);
                 let mut c = crash(rng, target, w, false);
                 if rng.random_bool(0.5) {
-                    // Armed at the start; fires at the chosen protocol step.
-                    c.at = m0;
+                    // Armed just before the start; fires at the chosen protocol step.
+                    c.at = m0.saturating_sub(1);
                     c.in_write = false;
                     c.on_message = Some(points[rng.random_range(0..points.len())]);
                 }

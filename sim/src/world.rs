@@ -158,7 +158,9 @@ pub struct World {
     /// Blocks written by the last step, for the incremental check.
     pub(crate) last_write: Option<(u64, u64)>,
     /// Armed message-triggered crashes: (host, sent?, message name).
-    crash_on: Vec<(usize, bool, &'static str)>,
+    crash_on: Vec<(usize, bool, &'static str, &'static str)>,
+    /// Message-triggered crashes that fired, e.g. "source after sending Switchover".
+    pub fired: Vec<String>,
     /// Which host first owned each epoch (ownership claims must be unique per epoch).
     pub(crate) epoch_owner: BTreeMap<u64, usize>,
     /// Stored-file cache for the checker: per host, (disk writes, disk generation) → verdict.
@@ -222,6 +224,7 @@ impl World {
             recheck: true,
             last_write: None,
             crash_on: Vec::new(),
+            fired: Vec::new(),
             epoch_owner: BTreeMap::new(),
             file_cache: vec![None, None],
             steps: 0,
@@ -649,7 +652,12 @@ impl World {
             let hn = self.hosts[h].name.clone();
             let verb = if sent { "sending" } else { "handling" };
             self.log(|| format!("{hn}: will crash after {verb} {name}"));
-            self.crash_on.push((h, sent, name));
+            let label = match c.target {
+                Target::Source => "source",
+                Target::Dest => "destination",
+                Target::Owner => "owner",
+            };
+            self.crash_on.push((h, sent, name, label));
         } else if c.in_write {
             // Fires at the host's next store write; disarmed when the faults end.
             let hn = self.hosts[h].name.clone();
@@ -669,11 +677,13 @@ impl World {
         let Some(i) = self
             .crash_on
             .iter()
-            .position(|&(x, s, n)| x == h && s == sent && n == name)
+            .position(|&(x, s, n, _)| x == h && s == sent && n == name)
         else {
             return Ok(());
         };
-        self.crash_on.remove(i);
+        let (.., role) = self.crash_on.remove(i);
+        let verb = if sent { "sending" } else { "handling" };
+        self.fired.push(format!("{role} after {verb} {name}"));
         self.crash_now(h, false);
         Err(Crashed)
     }
