@@ -45,6 +45,9 @@ pub enum CertError {
     /// A validity of zero days or beyond what X.509 dates can express.
     #[error("invalid validity of {0} days")]
     InvalidDays(u32),
+    /// Issuing into the CA's own files (name `ca` in the CA directory), even with `--force`.
+    #[error("{} is the CA itself; choose another name or output directory", .0.display())]
+    WouldReplaceCa(PathBuf),
     /// Refusing to replace an existing file without `--force`.
     #[error("{} already exists (use --force to replace it)", .0.display())]
     Exists(PathBuf),
@@ -273,6 +276,15 @@ pub fn issue_to_dir(
             source,
         })
     };
+    let cert_path = out.join(format!("{name}.pem"));
+    let key_path = out.join(format!("{name}.key"));
+    for (mine, ca) in [(&cert_path, &ca_cert), (&key_path, &ca_key)] {
+        if let (Ok(a), Ok(b)) = (mine.canonicalize(), ca.canonicalize())
+            && a == b
+        {
+            return Err(CertError::WouldReplaceCa(mine.clone()));
+        }
+    }
     let sans = host_sans(name, sans);
     let pair =
         issue(&read(&ca_cert)?, &read(&ca_key)?, name, &sans, days).map_err(|e| match e {
@@ -282,13 +294,7 @@ pub fn issue_to_dir(
             },
             other => other,
         })?;
-    let written = write_pair(
-        out,
-        &out.join(format!("{name}.pem")),
-        &out.join(format!("{name}.key")),
-        &pair,
-        force,
-    )?;
+    let written = write_pair(out, &cert_path, &key_path, &pair, force)?;
     Ok((written, sans))
 }
 
@@ -441,6 +447,11 @@ mod tests {
         assert!(matches!(
             issue_to_dir(d.path(), "h1", &out, &[], false, 10),
             Err(CertError::Exists(_))
+        ));
+        // The CA is never overwritten by a host certificate, not even with force.
+        assert!(matches!(
+            issue_to_dir(d.path(), "ca", d.path(), &[], true, 10),
+            Err(CertError::WouldReplaceCa(_))
         ));
         // No stray temporary files are left behind.
         let names: Vec<_> = std::fs::read_dir(&out)

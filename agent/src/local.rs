@@ -65,7 +65,13 @@ pub fn execute(dir: &Path, req: Request) -> Result<Value> {
             }
             Ok(json!({ "bitmaps": rows }))
         }
-        Request::Expect { .. } | Request::Status | Request::Shutdown => {
+        Request::Expect { .. }
+        | Request::Status
+        | Request::Shutdown
+        | Request::MigrateStart { .. }
+        | Request::MigrateSwitchover { .. }
+        | Request::MigrateStatus { .. }
+        | Request::MigrateAbort { .. } => {
             bail!("this command talks to a running agent: pass --control SOCKET")
         }
     }

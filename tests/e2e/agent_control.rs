@@ -1,14 +1,13 @@
 //! The agent daemon through its control socket: live recording, the store lock, a clean
 //! shutdown versus a SIGKILL.
 
-use crate::common::{AgentProc, run_in};
-
-const TLS: &str = "[tls]\nca = \"ca.pem\"\ncert = \"host.pem\"\nkey = \"host.key\"\n";
+use crate::common::{AgentProc, cluster_ca, run_in};
 
 #[test]
 fn agent_records_live_and_a_killed_agent_leaves_inconsistent_not_consistent() {
     let dir = tempfile::tempdir().unwrap();
-    let mut a = AgentProc::start(dir.path(), "127.0.0.1:0", TLS);
+    let ca = cluster_ca(&dir.path().join("ca"));
+    let mut a = AgentProc::start(&dir.path().join("a"), "host-a", &ca, "");
     a.json(&[
         "bitmap",
         "create",
@@ -60,7 +59,8 @@ fn agent_records_live_and_a_killed_agent_leaves_inconsistent_not_consistent() {
 #[test]
 fn clean_shutdown_commits_consistent_with_every_mark() {
     let dir = tempfile::tempdir().unwrap();
-    let mut a = AgentProc::start(dir.path(), "127.0.0.1:0", TLS);
+    let ca = cluster_ca(&dir.path().join("ca"));
+    let mut a = AgentProc::start(&dir.path().join("a"), "host-a", &ca, "");
     a.json(&[
         "bitmap",
         "create",
@@ -88,7 +88,7 @@ fn clean_shutdown_commits_consistent_with_every_mark() {
     assert_eq!(s["dirty_blocks"], 50);
     assert_eq!(s["root"], live["root"]);
     // Restarting takes it over again as `recording`.
-    let a2 = AgentProc::start(dir.path(), "127.0.0.1:0", TLS);
+    let a2 = AgentProc::start(&dir.path().join("a"), "host-a", &ca, "");
     assert_eq!(
         a2.json(&["bitmap", "show", "--disk", "vm2/vda"])["state"],
         "recording"

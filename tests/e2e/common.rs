@@ -74,21 +74,47 @@ pub struct AgentProc {
     pub control: PathBuf,
     /// Its store directory.
     pub store: PathBuf,
+    /// Its directory (config, certificate, log).
+    pub dir: PathBuf,
 }
 
 impl AgentProc {
-    /// Write a config in `dir` (TLS paths as given, or dummies) and start the agent; waits until
-    /// its control socket answers.
-    pub fn start(dir: &std::path::Path, listen: &str, extra_toml: &str) -> AgentProc {
+    /// Start an agent named `name` in `dir`, with a certificate from the cluster CA in `ca`
+    /// (created by [`cluster_ca`]) and `extra_toml` appended to its config; waits until its
+    /// control socket answers.
+    pub fn start(
+        dir: &std::path::Path,
+        name: &str,
+        ca: &std::path::Path,
+        extra_toml: &str,
+    ) -> AgentProc {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("agent.toml");
         let control = dir.join("control.sock");
         let store = dir.join("store");
+        if !dir.join(format!("{name}.pem")).exists() {
+            let out = bitferry()
+                .args(["cert", "issue", "--ca"])
+                .arg(ca)
+                .args(["--name", name, "--out"])
+                .arg(dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "cert issue: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         if !config.exists() {
             std::fs::write(
                 &config,
                 format!(
-                    "listen = \"{listen}\"\nstore = \"store\"\ncontrol = \"control.sock\"\nflush_interval_ms = 100\n{extra_toml}\n"
+                    "listen = \"127.0.0.1:0\"\nstore = \"store\"\ncontrol = \"control.sock\"\nflush_interval_ms = 100\n\
+                     {extra_toml}\n\
+                     [tls]\nca = \"{}\"\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\n\
+                     [transport]\nidle_timeout_ms = 3000\nkeep_alive_ms = 500\n",
+                    ca.join("ca.pem").display()
                 ),
             )
             .unwrap();
@@ -107,21 +133,37 @@ impl AgentProc {
             child,
             control,
             store,
+            dir: dir.to_path_buf(),
         };
-        a.wait_ready(dir);
+        a.wait_ready();
         a
     }
 
-    fn wait_ready(&mut self, dir: &std::path::Path) {
+    /// The QUIC address the agent listens on, read from its log ("agent ready … listen=ADDR").
+    pub fn listen_addr(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("agent.log")).unwrap();
+        let line = log
+            .lines()
+            .find(|l| l.contains("agent ready"))
+            .expect("agent ready line");
+        let at = line.find("listen=").expect("listen= in the ready line") + "listen=".len();
+        line[at..].split_whitespace().next().unwrap().to_string()
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self) {
         let t = std::time::Instant::now();
         while t.elapsed() < std::time::Duration::from_secs(20) {
             if let Some(st) = self.child.try_wait().unwrap() {
-                panic!(
-                    "agent exited early ({st}): {}",
-                    std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
-                );
+                panic!("agent exited early ({st}): {}", self.log());
             }
-            if std::os::unix::net::UnixStream::connect(&self.control).is_ok() {
+            if std::os::unix::net::UnixStream::connect(&self.control).is_ok()
+                && self.log().contains("agent ready")
+            {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
@@ -173,4 +215,19 @@ impl Drop for AgentProc {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Create a cluster CA in `dir` with `bitferry cert init`.
+pub fn cluster_ca(dir: &std::path::Path) -> PathBuf {
+    let out = bitferry()
+        .args(["cert", "init", "--dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cert init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.to_path_buf()
 }

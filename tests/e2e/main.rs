@@ -5,4 +5,8 @@ mod common;
 
 mod agent_control;
 mod bitmap_cli;
+mod cert;
+mod migrate;
+mod qcow2;
+mod rebuild;
 mod store_crash;

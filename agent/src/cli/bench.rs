@@ -19,6 +19,28 @@ pub enum BenchCmd {
     /// Raw quinn bulk throughput over loopback with mutual TLS (the migration baseline), with
     /// BLAKE3 per 1 MiB, and through framed header + payload.
     Quic(QuicArgs),
+    /// Rebuild throughput: manifest mode vs a plain read, vs backup mode, and a 90%-holes image.
+    Rebuild(RebuildBenchArgs),
+}
+
+/// `bench rebuild` arguments.
+#[derive(Debug, Args)]
+pub struct RebuildBenchArgs {
+    /// Image size (at least 4G for the reported figures).
+    #[arg(long, value_parser = parse_size, default_value = "4G")]
+    pub size: u64,
+    /// Granularity.
+    #[arg(long, value_parser = parse_size, default_value = "64K")]
+    pub granularity: u64,
+    /// Measured repetitions of each figure (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub iterations: usize,
+    /// Repetitions of the cold-cache figures (0 skips them).
+    #[arg(long, default_value_t = 3)]
+    pub cold_iterations: usize,
+    /// Directory for the temporary images (about 2.5x --size of disk space).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    pub dir: std::path::PathBuf,
 }
 
 /// `bench root` arguments.
@@ -47,6 +69,10 @@ pub struct QuicArgs {
     /// Runs per figure (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub iterations: usize,
+    /// Bytes per write (and per BLAKE3 hash / header frame); the migration protocol's chunks
+    /// are 64K.
+    #[arg(long, value_parser = parse_size, default_value = "1M")]
+    pub chunk: u64,
     /// Turn off UDP segmentation offload.
     #[arg(long)]
     pub disable_gso: bool,
@@ -57,6 +83,18 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Root(a) => root(ctx, a),
         BenchCmd::Quic(a) => quic(ctx, a),
+        BenchCmd::Rebuild(a) => {
+            let p = crate::rebuild::bench::BenchParams {
+                size: a.size,
+                granularity: a.granularity,
+                iterations: a.iterations,
+                dir: a.dir,
+                seed: 1,
+                cold_iterations: a.cold_iterations,
+            };
+            print(ctx.json, &crate::rebuild::bench::run(&p)?);
+            Ok(())
+        }
     }
 }
 
@@ -132,6 +170,10 @@ fn root(ctx: &Ctx, a: RootArgs) -> Result<()> {
 fn quic(ctx: &Ctx, a: QuicArgs) -> Result<()> {
     use crate::transport::TransportOptions;
     use crate::transport::bench::{Mode, bulk, ephemeral_cluster};
+    let chunk = usize::try_from(a.chunk)
+        .ok()
+        .filter(|c| (1..=u32::MAX as usize).contains(c))
+        .ok_or_else(|| anyhow::anyhow!("--chunk must be between 1 byte and 4 GiB"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -146,7 +188,7 @@ fn quic(ctx: &Ctx, a: QuicArgs) -> Result<()> {
     // Interleave the modes so drift (other load, thermal) hits all of them alike.
     for _ in 0..a.iterations.max(1) {
         for (i, mode) in modes.iter().enumerate() {
-            let run = rt.block_on(bulk(&ids[0], &ids[1], &opts, a.bytes, *mode))?;
+            let run = rt.block_on(bulk(&ids[0], &ids[1], &opts, a.bytes, chunk, *mode))?;
             rates[i].push(run.mib_per_s());
         }
     }
@@ -161,9 +203,10 @@ fn quic(ctx: &Ctx, a: QuicArgs) -> Result<()> {
             "bench": "quic",
             "bytes": a.bytes,
             "iterations": a.iterations.max(1),
+            "chunk": chunk,
             "gso": !a.disable_gso,
             "stream_window": opts.stream_window,
-            "baseline": "raw quinn, one stream, write_chunk of 1 MiB, loopback, mutual TLS",
+            "baseline": "raw quinn, one stream, write_chunk per chunk, loopback, mutual TLS",
             "raw_mib_s": raw,
             "raw_blake3_mib_s": hashed,
             "framed_blake3_mib_s": framed,

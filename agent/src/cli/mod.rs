@@ -9,7 +9,13 @@ pub mod bench;
 pub mod bitmap;
 pub mod cert;
 pub mod demo;
+pub mod migrate;
 pub mod output;
+
+pub mod manifest;
+pub mod qcow2;
+
+pub mod rebuild;
 pub mod units;
 
 use crate::control::Request;
@@ -85,6 +91,16 @@ pub enum Command {
     /// Cluster CA and host certificates for mutual TLS between agents.
     #[command(subcommand)]
     Cert(cert::CertCmd),
+    /// Migrate a disk's tracking to another agent (one-shot, or phase by phase).
+    Migrate(migrate::MigrateArgs),
+    /// Read and write QEMU qcow2 persistent bitmaps.
+    #[command(subcommand)]
+    Qcow2(qcow2::Qcow2Cmd),
+    /// Per-block BLAKE3 manifests of backup images (the cheap reference for `rebuild`).
+    #[command(subcommand)]
+    Manifest(manifest::ManifestCmd),
+    /// Rebuild a lost bitmap by comparing the live image with a backup or a manifest.
+    Rebuild(rebuild::RebuildArgs),
 }
 
 /// Shared context handed to every command.
@@ -112,8 +128,10 @@ pub fn dispatch(ctx: &Ctx, req: Request) -> anyhow::Result<serde_json::Value> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BITFERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),
@@ -139,6 +157,10 @@ pub fn main() -> ExitCode {
         Command::Status => agent::status(&ctx),
         Command::Shutdown => agent::shutdown(&ctx),
         Command::Cert(c) => cert::run(&ctx, c),
+        Command::Migrate(a) => migrate::run(&ctx, a),
+        Command::Qcow2(c) => qcow2::run(&ctx, c),
+        Command::Manifest(c) => manifest::run(&ctx, c),
+        Command::Rebuild(a) => rebuild::run(&ctx, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,11 +1,19 @@
 //! Printing a report either as JSON (`--json`) or as aligned text.
 
 use serde_json::Value;
+use std::io::Write;
+
+/// Print a line to stdout; a closed pipe (`bitferry … | head`) is not an error worth a panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
 
 /// Print `v` as one JSON document, or as `key  value` lines for people.
 pub fn print(json: bool, v: &Value) {
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(v).expect("JSON values serialize")
         );
@@ -16,23 +24,23 @@ pub fn print(json: bool, v: &Value) {
         for (k, val) in map {
             match val {
                 Value::Array(items) => {
-                    println!("{k:width$}  {} item(s)", items.len());
+                    out!("{k:width$}  {} item(s)", items.len());
                     for it in items.iter().take(20) {
-                        println!("{:width$}    {}", "", compact(it));
+                        out!("{:width$}    {}", "", compact(it));
                     }
                     if items.len() > 20 {
-                        println!(
+                        out!(
                             "{:width$}    … {} more (use --json for all)",
                             "",
                             items.len() - 20
                         );
                     }
                 }
-                other => println!("{k:width$}  {}", compact(other)),
+                other => out!("{k:width$}  {}", compact(other)),
             }
         }
     } else {
-        println!("{}", compact(v));
+        out!("{}", compact(v));
     }
 }
 

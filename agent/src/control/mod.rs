@@ -68,6 +68,35 @@ pub enum Request {
     Status,
     /// Commit everything and stop the agent.
     Shutdown,
+    /// `migrate start`: connect to the destination and run bulk and pre-copy rounds.
+    MigrateStart {
+        /// Disk id.
+        disk: DiskId,
+        /// Destination agent, `HOST:PORT`.
+        to: String,
+        /// Name to verify the destination's certificate against (default: HOST).
+        server_name: Option<String>,
+        /// Limit on the migration stream, bytes per second (unlimited when absent).
+        #[serde(default)]
+        rate: Option<u64>,
+    },
+    /// `migrate switchover`: the VM is paused; switch over.
+    MigrateSwitchover {
+        /// Disk id.
+        disk: DiskId,
+        /// Resume the VM on the destination before everything is sent.
+        postcopy: bool,
+    },
+    /// `migrate status`.
+    MigrateStatus {
+        /// Disk id.
+        disk: DiskId,
+    },
+    /// `migrate abort`.
+    MigrateAbort {
+        /// Disk id.
+        disk: DiskId,
+    },
 }
 
 /// A response line.

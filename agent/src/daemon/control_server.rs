@@ -1,6 +1,6 @@
 //! Server side of the control socket (protocol in [`crate::control`]).
 
-use super::Shared;
+use super::{Net, Shared};
 use crate::control::{MAX_LINE, Request, Response};
 use anyhow::{Context, Result, bail};
 use std::path::Path;
@@ -28,18 +28,18 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 }
 
 /// Accept connections forever.
-pub async fn serve(listener: UnixListener, shared: Shared, stop: Arc<Notify>) {
+pub async fn serve(listener: UnixListener, shared: Shared, net: Arc<Net>, stop: Arc<Notify>) {
     loop {
         match listener.accept().await {
             Ok((s, _)) => {
-                tokio::spawn(connection(s, shared.clone(), stop.clone()));
+                tokio::spawn(connection(s, shared.clone(), net.clone(), stop.clone()));
             }
             Err(e) => tracing::warn!(error = %e, "control accept failed"),
         }
     }
 }
 
-async fn connection(s: UnixStream, shared: Shared, stop: Arc<Notify>) {
+async fn connection(s: UnixStream, shared: Shared, net: Arc<Net>, stop: Arc<Notify>) {
     let (r, mut w) = s.into_split();
     let mut reader = BufReader::new(r);
     loop {
@@ -62,6 +62,12 @@ async fn connection(s: UnixStream, shared: Shared, stop: Arc<Notify>) {
         }
         let resp = match serde_json::from_slice::<Request>(&line) {
             Err(e) => error(&format!("malformed request: {e}"), 2),
+            Ok(Request::MigrateStart {
+                disk,
+                to,
+                server_name,
+                rate,
+            }) => to_response(start_migration(&shared, &net, disk, &to, server_name, rate).await),
             Ok(req) => {
                 let shutdown = matches!(req, Request::Shutdown);
                 let shared = shared.clone();
@@ -74,13 +80,7 @@ async fn connection(s: UnixStream, shared: Shared, stop: Arc<Notify>) {
                     stop.notify_one();
                 }
                 match r {
-                    Ok(Ok(v)) => Response {
-                        ok: true,
-                        result: Some(v),
-                        error: None,
-                        exit_code: None,
-                    },
-                    Ok(Err(e)) => error(&format!("{e:#}"), crate::exit::exit_code(&e)),
+                    Ok(r) => to_response(r),
                     Err(e) => error(&format!("request panicked: {e}"), 1),
                 }
             }
@@ -88,6 +88,47 @@ async fn connection(s: UnixStream, shared: Shared, stop: Arc<Notify>) {
         if reply(&mut w, resp).await.is_err() {
             return;
         }
+    }
+}
+
+async fn start_migration(
+    shared: &Shared,
+    net: &Net,
+    disk: wire::DiskId,
+    to: &str,
+    server_name: Option<String>,
+    rate: Option<u64>,
+) -> anyhow::Result<serde_json::Value> {
+    let addr = tokio::net::lookup_host(to)
+        .await
+        .with_context(|| format!("resolving {to}"))?
+        .next()
+        .with_context(|| format!("{to} resolves to no address"))?;
+    let host = to
+        .rsplit_once(':')
+        .map_or(to, |(h, _)| h)
+        .trim_matches(|c| c == '[' || c == ']');
+    let server_name = server_name.unwrap_or_else(|| host.to_string());
+    crate::migrate::source::start(
+        shared,
+        &net.endpoint,
+        &net.name,
+        disk,
+        addr,
+        server_name,
+        rate,
+    )
+}
+
+fn to_response(r: anyhow::Result<serde_json::Value>) -> Response {
+    match r {
+        Ok(v) => Response {
+            ok: true,
+            result: Some(v),
+            error: None,
+            exit_code: None,
+        },
+        Err(e) => error(&format!("{e:#}"), crate::exit::exit_code(&e)),
     }
 }
 

@@ -15,6 +15,14 @@ use tokio::sync::Notify;
 /// Shared handle to the agent's state.
 pub type Shared = Arc<Mutex<AgentState>>;
 
+/// The agent's network identity: its QUIC endpoint and certificate name.
+pub struct Net {
+    /// Listens for migrations and connects to other agents.
+    pub endpoint: crate::transport::Endpoint,
+    /// This host's name (its certificate's common name).
+    pub name: String,
+}
+
 /// Run the agent until SIGINT, SIGTERM or a `shutdown` request; then commit everything.
 pub fn run(config: Config) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -37,10 +45,36 @@ async fn serve(config: Config) -> Result<()> {
             .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
     }
 
+    let tls =
+        crate::transport::TlsIdentity::load(&config.tls.ca, &config.tls.cert, &config.tls.key)
+            .context("loading the agent's TLS identity")?;
+    let opts = crate::transport::TransportOptions {
+        idle_timeout: Duration::from_millis(config.transport.idle_timeout_ms),
+        keep_alive: Duration::from_millis(config.transport.keep_alive_ms),
+        disable_gso: config.transport.disable_gso,
+        // The protocol's own bounds (docs/protocol.md §3), so the transport refuses the same.
+        limits: crate::transport::stream::Limits {
+            max_frame: wire::proto::MAX_FRAME,
+            max_payload: wire::proto::MAX_PAYLOAD,
+        },
+        ..Default::default()
+    };
+    let endpoint = crate::transport::Endpoint::server(config.listen, &tls, opts)
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let net = Arc::new(Net {
+        endpoint: endpoint.clone(),
+        name: tls.name().to_string(),
+    });
+    tokio::spawn(crate::migrate::dest::accept_loop(
+        endpoint.clone(),
+        shared.clone(),
+    ));
+
     let listener = control_server::bind(&config.control)?;
     tokio::spawn(control_server::serve(
         listener,
         shared.clone(),
+        net.clone(),
         stop.clone(),
     ));
 
@@ -59,7 +93,13 @@ async fn serve(config: Config) -> Result<()> {
         })
     };
 
-    tracing::info!(control = %config.control.display(), store = %config.store.display(), "agent ready");
+    tracing::info!(
+        name = %net.name,
+        listen = %endpoint.local_addr()?,
+        control = %config.control.display(),
+        store = %config.store.display(),
+        "agent ready"
+    );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
@@ -69,6 +109,7 @@ async fn serve(config: Config) -> Result<()> {
     flusher.abort();
     let closed = shared.lock().expect("state lock").close();
     let _ = std::fs::remove_file(&config.control);
+    endpoint.close(crate::transport::endpoint::CLOSE_OK, "agent stopping");
     if let Err(e) = closed {
         bail!("final commit failed: {e}");
     }

@@ -9,6 +9,7 @@ use super::config::Expectation;
 use crate::control::Request;
 use crate::exit::Failure;
 use crate::local::{export_raw, mark_all, mark_report, new_meta, verify_report};
+use crate::migrate::{Cmd, Migration, Role};
 use crate::report;
 use crate::store::{Meta, Store, StoreError};
 use anyhow::{Result, bail};
@@ -34,6 +35,8 @@ pub struct AgentState {
     pub disks: BTreeMap<DiskId, Tracked>,
     /// Disks this agent will accept as a migration destination.
     pub expectations: Vec<Expectation>,
+    /// Migrations, running or finished (the last one per disk, for `migrate status`).
+    pub migrations: BTreeMap<DiskId, Migration>,
     started: Instant,
     flushes: u64,
 }
@@ -71,6 +74,7 @@ impl AgentState {
             store,
             disks,
             expectations,
+            migrations: BTreeMap::new(),
             started: Instant::now(),
             flushes: 0,
         })
@@ -115,6 +119,108 @@ impl AgentState {
         }
     }
 
+    fn migration(&self, disk: &DiskId, role: Option<Role>) -> Result<&Migration> {
+        match self.migrations.get(disk) {
+            Some(m) if role.is_none_or(|r| r == m.role) => Ok(m),
+            Some(_) => bail!("this agent is not the source of {disk}'s migration"),
+            None => bail!("no migration of {disk} on this agent"),
+        }
+    }
+
+    /// Set a tracked disk's state (and reason) and commit it durably.
+    pub fn set_state(
+        &mut self,
+        disk: &DiskId,
+        state: State,
+        reason: Option<String>,
+    ) -> Result<(), StoreError> {
+        let Some(t) = self.disks.get_mut(disk) else {
+            return Err(StoreError::NotFound(disk.clone()));
+        };
+        t.meta.state = state;
+        t.meta.reason = reason;
+        if let Some(b) = t.bits.as_mut() {
+            self.store.commit(&mut t.meta, b)?;
+            t.unflushed = false;
+        }
+        Ok(())
+    }
+
+    /// The destination owns `disk` now: forget the local copy, in memory and in the store.
+    pub fn retire(&mut self, disk: &DiskId) -> Result<(), StoreError> {
+        self.disks.remove(disk);
+        self.store.remove(disk)
+    }
+
+    /// Undo a destination commit that could not be completed, if the disk is held at `epoch`
+    /// (the failed commit's): the source keeps ownership.
+    pub fn forget_epoch(&mut self, disk: &DiskId, epoch: u64) {
+        if self.disks.get(disk).is_some_and(|t| t.meta.epoch == epoch) {
+            self.disks.remove(disk);
+            if let Err(e) = self.store.remove(disk) {
+                tracing::error!(%disk, error = %e, "could not remove a partial commit");
+            }
+        }
+    }
+
+    /// A post-copy was cut short: the disk stays `incomplete` with its local marks until a
+    /// rebuild against the checkpoint's reference completes.
+    pub fn rebuild_needed(&mut self, disk: &DiskId, reason: &str) {
+        if let Some(t) = self.disks.get_mut(disk) {
+            t.meta.reason = Some(format!("{reason}; rebuild needed"));
+        }
+    }
+
+    /// Perform a migration destination's commit: take the disk over at the session's epoch,
+    /// merging with what this host already recorded for it at that epoch (local marks made
+    /// after a post-copy switchover), and write it durably. A `consistent` result is kept live
+    /// as `recording`, like every bitmap this agent tracks.
+    pub fn adopt(&mut self, m: wire::proto::CommitMeta, bitmap: Bitmap) -> Result<(), StoreError> {
+        let state = if m.state == State::Consistent {
+            State::Recording
+        } else {
+            m.state
+        };
+        let t = match self.disks.get_mut(&m.disk) {
+            Some(t) if t.meta.epoch == m.epoch && t.meta.geometry == m.geometry => {
+                match t.bits.as_mut() {
+                    Some(b) => {
+                        b.merge(&bitmap).expect("same geometry checked above");
+                    }
+                    None => t.bits = Some(bitmap),
+                }
+                t
+            }
+            _ => {
+                let generation = self.disks.get(&m.disk).map_or(0, |t| t.meta.generation);
+                self.disks.insert(
+                    m.disk.clone(),
+                    Tracked {
+                        meta: Meta {
+                            disk: m.disk.clone(),
+                            geometry: m.geometry,
+                            checkpoint: None,
+                            epoch: m.epoch,
+                            state,
+                            reason: None,
+                            generation,
+                        },
+                        bits: Some(bitmap),
+                        unflushed: false,
+                    },
+                );
+                self.disks.get_mut(&m.disk).expect("just inserted")
+            }
+        };
+        t.meta.state = state;
+        t.meta.reason = m.reason;
+        t.meta.checkpoint = m.checkpoint;
+        let b = t.bits.as_mut().expect("set above");
+        self.store.commit(&mut t.meta, b)?;
+        t.unflushed = false;
+        Ok(())
+    }
+
     /// Execute one control request.
     pub fn execute(&mut self, req: Request) -> Result<Value> {
         match req {
@@ -144,6 +250,14 @@ impl AgentState {
                 Ok(v)
             }
             Request::Mark { disk, ranges } => {
+                // A running migration gets every mark too (docs/protocol.md §5).
+                let forwarded = match self.migrations.get(&disk) {
+                    Some(m) if m.active() => m.cmd.send(Cmd::Mark(ranges.clone())).is_ok(),
+                    _ => false,
+                };
+                if forwarded && !self.disks.contains_key(&disk) {
+                    return Ok(json!({"disk": disk, "forwarded_to_migration": true}));
+                }
                 let t = self.tracked(&disk)?;
                 let Some(bits) = t.bits.as_mut() else {
                     return Err(Failure::untrusted(format!(
@@ -220,6 +334,25 @@ impl AgentState {
                 "flushes": self.flushes,
             })),
             Request::Shutdown => Ok(json!({"shutting_down": true})),
+            Request::MigrateStart { .. } => {
+                bail!("migrate start is handled by the agent's network side")
+            }
+            Request::MigrateSwitchover { disk, postcopy } => {
+                let m = self.migration(&disk, Some(Role::Source))?;
+                m.cmd
+                    .send(Cmd::Switchover { postcopy })
+                    .map_err(|_| anyhow::anyhow!("the migration of {disk} has already ended"))?;
+                Ok(json!({"disk": disk, "switchover": true, "postcopy": postcopy}))
+            }
+            Request::MigrateStatus { disk } => {
+                let m = self.migration(&disk, None)?;
+                Ok(m.status.lock().expect("status lock").to_json())
+            }
+            Request::MigrateAbort { disk } => {
+                let m = self.migration(&disk, None)?;
+                let _ = m.cmd.send(Cmd::Abort);
+                Ok(json!({"disk": disk, "abort": true}))
+            }
         }
     }
 }

@@ -204,15 +204,18 @@ impl Store {
             .is_some())
     }
 
+    fn read(&self, disk: &DiskId) -> Result<Vec<u8>, StoreError> {
+        self.storage
+            .read(&file_name(disk))
+            .map_err(|e| self.io(e))?
+            .ok_or_else(|| StoreError::NotFound(disk.clone()))
+    }
+
     /// Load and verify `disk`'s bitmap. Corruption is not an error here: it comes back as
     /// [`Loaded`] with state `inconsistent` and the reason. A file left `recording` loads as
     /// `inconsistent`, because its recorder died before closing it.
     pub fn load(&self, disk: &DiskId) -> Result<Loaded, StoreError> {
-        let bytes = self
-            .storage
-            .read(&file_name(disk))
-            .map_err(|e| self.io(e))?
-            .ok_or_else(|| StoreError::NotFound(disk.clone()))?;
+        let bytes = self.read(disk)?;
         Ok(match format::decode(&bytes) {
             Ok((mut meta, bitmap)) => {
                 if meta.disk != *disk {
@@ -255,11 +258,7 @@ impl Store {
     /// kept as is. Only the live recorder holding the store lock may use this (the agent checking
     /// its own flushed file); anyone else must use [`Store::load`].
     pub fn load_own(&self, disk: &DiskId) -> Result<Loaded, StoreError> {
-        let bytes = self
-            .storage
-            .read(&file_name(disk))
-            .map_err(|e| self.io(e))?
-            .ok_or_else(|| StoreError::NotFound(disk.clone()))?;
+        let bytes = self.read(disk)?;
         Ok(match format::decode(&bytes) {
             Ok((meta, bitmap)) => Loaded {
                 reason: meta.reason.clone(),

@@ -9,7 +9,7 @@
 //! `connect` itself. The protocol's own Hello/Welcome still negotiates versions on top.
 
 use super::error::TransportError;
-use super::stream::{FrameReader, FrameWriter, FramedStream};
+use super::stream::{FrameReader, FrameWriter, FramedStream, Limits};
 use super::tls::{TlsIdentity, peer_name};
 use quinn::{IdleTimeout, VarInt};
 use rustls_pki_types::CertificateDer;
@@ -52,9 +52,9 @@ pub struct TransportOptions {
     /// Requested UDP socket send and receive buffer sizes. The kernel caps them at
     /// `net.core.rmem_max`/`wmem_max` (a warning is logged when it does).
     pub socket_buffer: usize,
-    /// Largest frame (and single payload read) accepted on a stream, checked before
-    /// allocating. Must match the protocol's own maximum.
-    pub max_frame: usize,
+    /// Largest frame body and single payload read accepted on a stream, checked before
+    /// allocating (see [`Limits`]).
+    pub limits: Limits,
     /// Concurrent bidirectional streams the peer may open.
     pub max_bidi_streams: u32,
 }
@@ -70,7 +70,7 @@ impl Default for TransportOptions {
             send_window: 32 << 20,
             disable_gso: false,
             socket_buffer: 2 << 20,
-            max_frame: 16 << 20,
+            limits: Limits::default(),
             max_bidi_streams: 64,
         }
     }
@@ -156,6 +156,35 @@ impl Endpoint {
         })
     }
 
+    /// An endpoint over any datagram socket (the simulator's lossy network, for one), optionally
+    /// listening, with a fixed RNG seed for reproducible runs. The socket must drop packets it
+    /// cannot send instead of failing (quinn treats send errors as fatal).
+    pub fn with_socket(
+        socket: Arc<dyn quinn::AsyncUdpSocket>,
+        runtime: Arc<dyn quinn::Runtime>,
+        tls: &TlsIdentity,
+        opts: TransportOptions,
+        listen: bool,
+        rng_seed: Option<[u8; 32]>,
+    ) -> Result<Self, TransportError> {
+        let transport = Arc::new(opts.transport_config()?);
+        let server = if listen {
+            let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls.server_config()?));
+            server.transport_config(transport.clone());
+            Some(server)
+        } else {
+            None
+        };
+        let mut config = quinn::EndpointConfig::default();
+        config.rng_seed(rng_seed);
+        let mut inner = quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)?;
+        inner.set_default_client_config(client_config(tls, transport)?);
+        Ok(Endpoint {
+            inner,
+            opts: Arc::new(opts),
+        })
+    }
+
     /// The bound address (useful after binding port 0).
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
         Ok(self.inner.local_addr()?)
@@ -209,7 +238,7 @@ impl Endpoint {
             conn.close(VarInt::from_u32(CLOSE_BAD_GREETING), b"no greeting");
             return Err(e);
         }
-        Connection::new(conn, self.opts.max_frame)
+        Connection::new(conn, self.opts.limits)
     }
 
     /// The next incoming connection attempt, or `None` once the endpoint is closed. Call
@@ -297,7 +326,7 @@ impl Incoming {
         let remote = self.inner.remote_address();
         let result = timeout(hs, async {
             let conn = self.inner.accept()?.await?;
-            let c = Connection::new(conn, self.opts.max_frame)?;
+            let c = Connection::new(conn, self.opts.limits)?;
             let mut s = c.inner.open_uni().await?;
             s.write_all(&GREETING).await?;
             s.finish()?;
@@ -326,11 +355,11 @@ impl Incoming {
 pub struct Connection {
     inner: quinn::Connection,
     peer_name: Arc<str>,
-    max_frame: usize,
+    limits: Limits,
 }
 
 impl Connection {
-    fn new(inner: quinn::Connection, max_frame: usize) -> Result<Self, TransportError> {
+    fn new(inner: quinn::Connection, limits: Limits) -> Result<Self, TransportError> {
         let name = inner
             .peer_identity()
             .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
@@ -339,7 +368,7 @@ impl Connection {
             Some(n) => Ok(Connection {
                 inner,
                 peer_name: n.into(),
-                max_frame,
+                limits,
             }),
             None => {
                 inner.close(
@@ -367,29 +396,26 @@ impl Connection {
     /// byte, so the opener speaks first.
     pub async fn open_stream(&self) -> Result<FramedStream, TransportError> {
         let (send, recv) = self.inner.open_bi().await?;
-        Ok(FramedStream::new(send, recv, self.max_frame))
+        Ok(FramedStream::new(send, recv, self.limits))
     }
 
     /// Accept the next bidirectional stream the peer opened. Fails with
     /// [`TransportError::Closed`] once the connection is closed.
     pub async fn accept_stream(&self) -> Result<FramedStream, TransportError> {
         let (send, recv) = self.inner.accept_bi().await?;
-        Ok(FramedStream::new(send, recv, self.max_frame))
+        Ok(FramedStream::new(send, recv, self.limits))
     }
 
     /// Open a send-only stream.
     pub async fn open_uni(&self) -> Result<FrameWriter, TransportError> {
-        Ok(FrameWriter::new(
-            self.inner.open_uni().await?,
-            self.max_frame,
-        ))
+        Ok(FrameWriter::new(self.inner.open_uni().await?, self.limits))
     }
 
     /// Accept the next send-only stream the peer opened.
     pub async fn accept_uni(&self) -> Result<FrameReader, TransportError> {
         Ok(FrameReader::new(
             self.inner.accept_uni().await?,
-            self.max_frame,
+            self.limits,
         ))
     }
 

@@ -5,7 +5,9 @@
 //!
 //! Shutdown without losing data, in this order: the sender [`FrameWriter::finish`]es its
 //! stream (waits until the peer has *received* everything); the receiver verifies what it got
-//! and answers with an application-level acknowledgement frame; only then does either side
+//! and answers with an application-level acknowledgement frame (finishing its own stream without
+//! waiting for `stopped`, since the sender may close as soon as it has read it); only then does
+//! either side
 //! [`Connection::close`] (which discards anything undelivered); both sides finally
 //! [`Endpoint::wait_idle`].
 
@@ -17,7 +19,7 @@ pub mod tls;
 
 pub use endpoint::{Connection, Endpoint, Incoming, TransportOptions};
 pub use error::TransportError;
-pub use stream::{FrameReader, FrameWriter, FramedStream};
+pub use stream::{FrameReader, FrameWriter, FramedStream, Limits};
 pub use tls::TlsIdentity;
 
 #[cfg(test)]

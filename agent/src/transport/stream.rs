@@ -22,32 +22,61 @@ pub const STOP_ABANDONED: u32 = 2;
 /// are written in two calls instead of being copied.
 const COALESCE_LIMIT: usize = 64 << 10;
 
+/// Hard maximums of one stream, checked before anything is allocated. Set them to the
+/// protocol's own (`wire::proto::frame::{MAX_FRAME, MAX_PAYLOAD}`) so the transport refuses
+/// what the protocol would refuse, without buffering it first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame body (at most `u32::MAX`, the prefix's range).
+    pub max_frame: usize,
+    /// Largest single payload read.
+    pub max_payload: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame: 16 << 20,
+            max_payload: 16 << 20,
+        }
+    }
+}
+
+impl Limits {
+    fn clamped(self) -> Self {
+        Limits {
+            max_frame: self.max_frame.min(u32::MAX as usize),
+            max_payload: self.max_payload,
+        }
+    }
+}
+
 /// The sending half of a framed stream.
 #[derive(Debug)]
 pub struct FrameWriter {
     send: SendStream,
     scratch: Vec<u8>,
-    max_frame: usize,
+    limits: Limits,
 }
 
 impl FrameWriter {
-    /// Wrap a quinn send stream; frames larger than `max_frame` are refused before sending.
-    pub fn new(send: SendStream, max_frame: usize) -> Self {
+    /// Wrap a quinn send stream; frames above the limit are refused before sending.
+    pub fn new(send: SendStream, limits: Limits) -> Self {
         FrameWriter {
             send,
             scratch: Vec::new(),
-            max_frame: max_frame.min(u32::MAX as usize),
+            limits: limits.clamped(),
         }
     }
 
     /// Send one frame: length prefix and body. Refuses bodies above the maximum, which the
     /// peer would refuse anyway.
     pub async fn send_frame(&mut self, body: &[u8]) -> Result<(), TransportError> {
-        if body.len() > self.max_frame {
+        if body.len() > self.limits.max_frame {
             return Err(TransportError::TooLarge {
                 what: "frame",
                 len: body.len() as u64,
-                max: self.max_frame,
+                max: self.limits.max_frame,
             });
         }
         let header = (body.len() as u32).to_le_bytes();
@@ -97,16 +126,16 @@ impl FrameWriter {
 pub struct FrameReader {
     recv: RecvStream,
     payload: BytesMut,
-    max_frame: usize,
+    limits: Limits,
 }
 
 impl FrameReader {
-    /// Wrap a quinn receive stream; frames and payloads above `max_frame` are refused.
-    pub fn new(recv: RecvStream, max_frame: usize) -> Self {
+    /// Wrap a quinn receive stream; frames and payloads above the limits are refused.
+    pub fn new(recv: RecvStream, limits: Limits) -> Self {
         FrameReader {
             recv,
             payload: BytesMut::new(),
-            max_frame: max_frame.min(u32::MAX as usize),
+            limits: limits.clamped(),
         }
     }
 
@@ -135,7 +164,7 @@ impl FrameReader {
             Err(ReadExactError::ReadError(e)) => return Err(e.into()),
         }
         let len = u32::from_le_bytes(header) as usize;
-        self.check_len("frame", len)?;
+        self.check_len("frame", len, self.limits.max_frame)?;
         body.reserve(len);
         while body.len() < len {
             match self.recv.read_chunk(len - body.len(), true).await? {
@@ -155,7 +184,7 @@ impl FrameReader {
     /// Exactly `len` raw payload bytes. The buffer is reused across calls once the previous
     /// payload has been dropped.
     pub async fn recv_payload(&mut self, len: usize) -> Result<Bytes, TransportError> {
-        self.check_len("payload", len)?;
+        self.check_len("payload", len, self.limits.max_payload)?;
         self.payload.clear();
         self.payload.reserve(len);
         while self.payload.len() < len {
@@ -178,13 +207,18 @@ impl FrameReader {
     }
 
     /// Refuse a length above the maximum before allocating, and tell the peer to stop sending.
-    fn check_len(&mut self, what: &'static str, len: usize) -> Result<(), TransportError> {
-        if len > self.max_frame {
+    fn check_len(
+        &mut self,
+        what: &'static str,
+        len: usize,
+        max: usize,
+    ) -> Result<(), TransportError> {
+        if len > max {
             let _ = self.recv.stop(VarInt::from_u32(STOP_TOO_LARGE));
             return Err(TransportError::TooLarge {
                 what,
                 len: len as u64,
-                max: self.max_frame,
+                max,
             });
         }
         Ok(())
@@ -213,10 +247,10 @@ pub struct FramedStream {
 
 impl FramedStream {
     /// Wrap a quinn bidirectional stream.
-    pub fn new(send: SendStream, recv: RecvStream, max_frame: usize) -> Self {
+    pub fn new(send: SendStream, recv: RecvStream, limits: Limits) -> Self {
         FramedStream {
-            writer: FrameWriter::new(send, max_frame),
-            reader: FrameReader::new(recv, max_frame),
+            writer: FrameWriter::new(send, limits),
+            reader: FrameReader::new(recv, limits),
         }
     }
 

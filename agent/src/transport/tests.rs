@@ -77,6 +77,8 @@ async fn mtls_frames_and_payloads_round_trip() {
             let len = u32::from_le_bytes(header[..4].try_into().unwrap()) as usize;
             let got = s.recv_payload(len).await.unwrap();
             assert_eq!(got, payload);
+            // A small payload usually arrives as one chunk (the no-copy path).
+            assert_eq!(&s.recv_payload(5).await.unwrap()[..], b"tail!");
             assert_eq!(s.recv_frame().await.unwrap(), None, "clean end of stream");
             s.send_frame(b"ack").await.unwrap();
             s.finish().await.unwrap();
@@ -95,6 +97,7 @@ async fn mtls_frames_and_payloads_round_trip() {
         .await
         .unwrap();
     s.send_payload(payload.clone()).await.unwrap();
+    s.send_payload(Bytes::from_static(b"tail!")).await.unwrap();
     s.finish().await.unwrap();
     assert_eq!(s.recv_frame().await.unwrap().as_deref(), Some(&b"ack"[..]));
     let server_conn = receiver.await.unwrap();
@@ -216,8 +219,18 @@ async fn oversized_frame_is_refused_before_allocating() {
         ),
         "{err}"
     );
-    // The sender learns that the receiver stopped reading.
-    let err = cs.finish().await.unwrap_err();
+    // The sender learns that the receiver stopped reading: its writes fail once the
+    // STOP_SENDING arrives (whether `finish` fails depends on whether the bytes were already
+    // acknowledged, so keep writing instead).
+    let err = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            if let Err(e) = cs.send_payload(Bytes::from_static(&[0; 1024])).await {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("the sender never saw the stop");
     assert!(
         matches!(err, TransportError::PeerStopped(c) if c == u64::from(STOP_TOO_LARGE)),
         "{err}"
@@ -227,22 +240,29 @@ async fn oversized_frame_is_refused_before_allocating() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frame_and_payload_limits_are_configurable() {
     let opts = TransportOptions {
-        max_frame: 1024,
+        limits: Limits {
+            max_frame: 1024,
+            max_payload: 2048,
+        },
         ..TransportOptions::default()
     };
     let (_client, _c, mut cs, _sc, mut ss) = stream_pair(opts, &1024u32.to_le_bytes()).await;
     // Exactly the maximum passes; one more is refused on both sides.
     cs.writer.quinn().write_all(&[1; 1024]).await.unwrap();
     assert_eq!(ss.recv_frame().await.unwrap().unwrap().len(), 1024);
+    // Payloads have their own limit, here above the frame limit.
+    cs.send_payload(Bytes::from(vec![2; 2048])).await.unwrap();
+    assert_eq!(ss.recv_payload(2048).await.unwrap().len(), 2048);
     assert!(matches!(
         cs.send_frame(&[0; 1025]).await,
         Err(TransportError::TooLarge { len: 1025, .. })
     ));
     assert!(matches!(
-        ss.recv_payload(1025).await,
+        ss.recv_payload(2049).await,
         Err(TransportError::TooLarge {
             what: "payload",
-            ..
+            len: 2049,
+            max: 2048
         })
     ));
 }
@@ -330,7 +350,9 @@ async fn clean_shutdown_loses_nothing() {
         let mut ack = (got as u64).to_le_bytes().to_vec();
         ack.extend_from_slice(hasher.finalize().as_bytes());
         s.send_frame(&ack).await.unwrap();
-        s.finish().await.unwrap();
+        // No waiting for `stopped`: the sender closes the connection as soon as it has read
+        // the acknowledgement, possibly before acknowledging it at the QUIC level.
+        s.writer.quinn().finish().unwrap();
         // The sender closes once it has the acknowledgement.
         let why = conn.closed().await;
         assert!(
@@ -423,11 +445,63 @@ async fn bulk_bench_moves_and_verifies_bytes() {
         bench::Mode::RawBlake3,
         bench::Mode::FramedBlake3,
     ] {
-        // Not a multiple of the chunk size, to exercise the partial last chunk.
-        let run = bench::bulk(&ids[0], &ids[1], &opts, (4 << 20) + 12345, mode)
-            .await
-            .unwrap();
-        assert_eq!(run.bytes, (4 << 20) + 12345);
-        assert!(run.mib_per_s() > 0.0);
+        for chunk in [bench::CHUNK, 64 << 10] {
+            // Not a multiple of the chunk size, to exercise the partial last chunk.
+            let run = bench::bulk(&ids[0], &ids[1], &opts, (4 << 20) + 12345, chunk, mode)
+                .await
+                .unwrap();
+            assert_eq!(run.bytes, (4 << 20) + 12345);
+            assert!(run.mib_per_s() > 0.0);
+        }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_over_an_abstract_socket_with_a_seed() {
+    use quinn::Runtime;
+    let ids = ephemeral_cluster(&["dst", "src"]).unwrap();
+    let std_socket = std::net::UdpSocket::bind(local()).unwrap();
+    let socket = quinn::TokioRuntime.wrap_udp_socket(std_socket).unwrap();
+    let server = Endpoint::with_socket(
+        socket,
+        std::sync::Arc::new(quinn::TokioRuntime),
+        &ids[0],
+        TransportOptions::default(),
+        true,
+        Some([7; 32]),
+    )
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let s = server.clone();
+    let accepted = tokio::spawn(async move { s.accept().await.unwrap().establish().await });
+    let client = Endpoint::client(&ids[1], TransportOptions::default()).unwrap();
+    let conn = client.connect(addr, "127.0.0.1").await.unwrap();
+    assert_eq!(conn.peer_name(), "dst");
+    assert_eq!(accepted.await.unwrap().unwrap().peer_name(), "src");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_to_nobody_times_out_clearly() {
+    let ids = ephemeral_cluster(&["src"]).unwrap();
+    // A bound UDP socket that never answers.
+    let silent = std::net::UdpSocket::bind(local()).unwrap();
+    let opts = TransportOptions {
+        handshake_timeout: std::time::Duration::from_millis(300),
+        ..TransportOptions::default()
+    };
+    let client = Endpoint::client(&ids[0], opts).unwrap();
+    let err = client
+        .connect(silent.local_addr().unwrap(), "localhost")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TransportError::Timeout {
+                what: "the QUIC handshake",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }

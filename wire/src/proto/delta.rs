@@ -3,10 +3,11 @@
 //! A few scattered new bits must not cost a whole chunk each, so a round's new bits travel as
 //! a set of block indices, in the smaller of two forms: roaring (dense or clustered bits) or
 //! LEB128 gaps (few scattered bits, where roaring pays ~8 bytes per 2^16-block container).
-//! Indices are relative to a window `base`; a window spans at most 2^32 blocks (roaring's
-//! range) and is halved until its payload fits [`MAX_DELTA_PAYLOAD`].
+//! Indices are relative to a window `base` (a chunk boundary); a window spans at most 2^32
+//! blocks (roaring's range) and ends early where its payload would pass [`MAX_DELTA_PAYLOAD`].
 
 use super::msg::DeltaEncoding;
+use crate::CHUNK_BYTES;
 use crate::bitmap::Bitmap;
 use roaring::RoaringBitmap;
 
@@ -27,75 +28,115 @@ pub struct EncodedDelta {
     pub payload: Vec<u8>,
 }
 
+/// Blocks per chunk of the raw form: windows start on chunk boundaries, so every window's
+/// roaring containers line up with the bitmap's 2^16-block containers.
+const CHUNK_BLOCKS: u64 = CHUNK_BYTES as u64 * 8;
+
 /// Encode every set bit of `newly` as deltas of at most [`MAX_DELTA_PAYLOAD`] bytes each, in
 /// block order. A clean bitmap gives no deltas.
+///
+/// Chunks are converted to roaring straight from their bytes (no per-bit work) and gathered
+/// into a window until the window would span 2^32 blocks or its roaring form would pass the
+/// payload limit; then the window is emitted in the smaller of its two encodings. Cost is
+/// linear in the bitmap's dirty chunks.
 pub fn encode_bits(newly: &Bitmap) -> Vec<EncodedDelta> {
-    let blocks = newly.geometry().blocks();
+    encode_windows(newly, MAX_WINDOW)
+}
+
+/// [`encode_bits`] with windows of at most `max_window` blocks (a multiple of a chunk's
+/// blocks, at most [`MAX_WINDOW`]); smaller windows let tests cover window boundaries.
+fn encode_windows(newly: &Bitmap, max_window: u64) -> Vec<EncodedDelta> {
     let mut out = Vec::new();
-    let mut lo = 0;
-    while lo < blocks {
-        let hi = (lo + MAX_WINDOW).min(blocks);
-        encode_range(newly, lo, hi, &mut out);
-        lo = hi;
+    let mut win: Option<Window> = None;
+    let mut buf = Vec::new();
+    for c in 0..newly.chunks() {
+        if newly.chunk_is_clean(c) {
+            continue;
+        }
+        newly.chunk_raw(c, &mut buf);
+        let fits_span = |w: &Window| ((c - w.first + 1) as u64) * CHUNK_BLOCKS <= max_window;
+        let mut w = match win.take() {
+            Some(w) if fits_span(&w) => w,
+            Some(w) => {
+                w.emit(newly, &mut out);
+                Window::new(c)
+            }
+            None => Window::new(c),
+        };
+        let mut rb =
+            RoaringBitmap::from_lsb0_bytes(((c - w.first) as u64 * CHUNK_BLOCKS) as u32, &buf);
+        rb.optimize();
+        let size = rb.serialized_size();
+        if w.size + size > MAX_DELTA_PAYLOAD && !w.rb.is_empty() {
+            w.emit(newly, &mut out);
+            w = Window::new(c);
+            rb = RoaringBitmap::from_lsb0_bytes(0, &buf);
+            rb.optimize();
+        }
+        w.size += size;
+        w.rb |= rb;
+        win = Some(w);
+    }
+    if let Some(w) = win {
+        w.emit(newly, &mut out);
     }
     out
 }
 
-fn encode_range(b: &Bitmap, lo: u64, hi: u64, out: &mut Vec<EncodedDelta>) {
-    let Some((encoding, payload)) = encode_window(b, lo, hi) else {
-        return;
-    };
-    if payload.len() <= MAX_DELTA_PAYLOAD || hi - lo < 2 {
-        out.push(EncodedDelta {
-            base: lo,
-            encoding,
-            payload,
-        });
-        return;
-    }
-    let mid = lo + (hi - lo) / 2;
-    encode_range(b, lo, mid, out);
-    encode_range(b, mid, hi, out);
+/// Set bits of consecutive chunks, relative to the first chunk's first block.
+struct Window {
+    first: usize,
+    rb: RoaringBitmap,
+    /// Upper bound of `rb`'s serialized size (sum of its chunks' sizes).
+    size: usize,
 }
 
-/// The smaller encoding of the set bits in `lo .. hi` (at most 2^32 blocks), or `None` if none
-/// is set.
-fn encode_window(b: &Bitmap, lo: u64, hi: u64) -> Option<(DeltaEncoding, Vec<u8>)> {
-    let mut rb = RoaringBitmap::new();
-    for (a, e) in b.runs_in(lo, hi) {
-        rb.insert_range((a - lo) as u32..=(e - 1 - lo) as u32);
-    }
-    if rb.is_empty() {
-        return None;
-    }
-    rb.optimize();
-    let rsize = rb.serialized_size();
-    // Varint gaps, abandoned as soon as they are no smaller than roaring: each block costs at
-    // least one byte, so this loop runs at most `rsize` times.
-    let mut v = Vec::new();
-    let mut prev: Option<u64> = None;
-    'runs: for (a, e) in b.runs_in(lo, hi) {
-        for blk in a..e {
-            let val = match prev {
-                None => blk - lo,
-                Some(p) => blk - p,
-            };
-            put_varint(&mut v, val);
-            prev = Some(blk);
-            if v.len() >= rsize {
-                break 'runs;
-            }
+impl Window {
+    fn new(first: usize) -> Self {
+        Window {
+            first,
+            rb: RoaringBitmap::new(),
+            size: 0,
         }
     }
-    if v.len() < rsize {
-        return Some((DeltaEncoding::VarintGaps, v));
+
+    /// Emit the window as roaring or, if smaller, LEB128 gaps.
+    fn emit(self, b: &Bitmap, out: &mut Vec<EncodedDelta>) {
+        let base = self.first as u64 * CHUNK_BLOCKS;
+        let rsize = self.rb.serialized_size();
+        // Each block costs at least one varint byte: only try when that can win, and give up as
+        // soon as it stops winning, so this loop runs at most `rsize` times.
+        if self.rb.len() < rsize as u64 {
+            let mut v = Vec::new();
+            let mut prev: Option<u64> = None;
+            'runs: for (a, e) in b.runs_in(base, base + MAX_WINDOW) {
+                for blk in a..e {
+                    put_varint(&mut v, blk - prev.unwrap_or(base));
+                    prev = Some(blk);
+                    if v.len() >= rsize || blk - base >= u64::from(self.rb.max().unwrap_or(0)) {
+                        break 'runs;
+                    }
+                }
+            }
+            if v.len() < rsize {
+                out.push(EncodedDelta {
+                    base,
+                    encoding: DeltaEncoding::VarintGaps,
+                    payload: v,
+                });
+                return;
+            }
+        }
+        let mut payload = Vec::with_capacity(rsize);
+        // Writing into a Vec cannot fail.
+        if self.rb.serialize_into(&mut payload).is_ok() {
+            out.push(EncodedDelta {
+                base,
+                encoding: DeltaEncoding::Roaring,
+                payload,
+            });
+        }
     }
-    let mut payload = Vec::with_capacity(rsize);
-    // Writing into a Vec cannot fail; an error here would only drop the window, never panic.
-    if rb.serialize_into(&mut payload).is_err() {
-        return None;
-    }
-    Some((DeltaEncoding::Roaring, payload))
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
@@ -271,20 +312,59 @@ mod tests {
 
     #[test]
     fn big_random_deltas_are_split_under_the_limit() {
-        // 2^25 blocks, every third block set in a noisy pattern: ~ 4 MiB raw, must split.
+        // 2^25 blocks of noise (~4 MiB in any encoding): must split into ≤ 1 MiB deltas.
         let g = Geometry::new(1 << 34, 512).unwrap();
-        let mut b = Bitmap::new(g);
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        for blk in 0..g.blocks() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            if x.is_multiple_of(3) {
-                b.set_blocks(blk, blk + 1);
-            }
-        }
+        let raw: Vec<u8> = (0..g.raw_len())
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let b = Bitmap::from_raw(g, &raw).unwrap();
         let d = roundtrip(&b);
         assert!(d.len() > 1, "{} deltas", d.len());
+    }
+
+    #[test]
+    fn windows_split_at_their_span_and_keep_positions_relative() {
+        let g = Geometry::new(1 << 34, 512).unwrap(); // 2^25 blocks = 64 chunks
+        let mut b = Bitmap::new(g);
+        b.set_blocks(3, 5);
+        b.set_blocks((1 << 20) - 2, (1 << 20) + 2); // straddles a window boundary
+        b.set_blocks(5 << 20, (5 << 20) + 300_000); // dense: roaring
+        for i in 0..50u64 {
+            let blk = (9 << 20) + i * 4099; // sparse: varints
+            b.set_blocks(blk, blk + 1);
+        }
+        b.set_blocks(g.blocks() - 1, g.blocks());
+        let d = encode_windows(&b, 1 << 20);
+        let mut out = Bitmap::new(g);
+        for e in &d {
+            assert_eq!(
+                e.base % CHUNK_BLOCKS,
+                0,
+                "windows start on chunk boundaries"
+            );
+            let mut one = Bitmap::new(g);
+            apply(&mut one, e.base, e.encoding, &e.payload).unwrap();
+            for (a, z) in one.runs() {
+                assert!(
+                    a >= e.base && z <= e.base + (1 << 20),
+                    "{a}..{z} outside {e:?}"
+                );
+            }
+            out.merge(&one).unwrap();
+        }
+        assert_eq!(out, b);
+        let kinds: Vec<_> = d.iter().map(|e| e.encoding).collect();
+        assert!(
+            kinds.contains(&DeltaEncoding::Roaring) && kinds.contains(&DeltaEncoding::VarintGaps)
+        );
+        // Windows: chunks {0,1}, {2}, {10}, {18}, {63}.
+        assert_eq!(d.len(), 5, "{d:?}");
     }
 
     #[test]

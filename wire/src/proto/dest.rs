@@ -122,7 +122,9 @@ enum Queued {
 ///     }
 ///     while let Some(a) = d.poll_action() {
 ///         match a {                                                    // in order:
-///             Action::Commit { meta, bitmap } => { store.commit(meta, bitmap)?; d.committed_durably()? }
+///             Action::Commit { meta, bitmap } => match store.commit(meta, bitmap) {
+///                 Ok(()) => d.committed_durably()?,
+///                 Err(e) => d.commit_failed(&e.to_string())? },
 ///             Action::RebuildNeeded { .. } => start_rebuild(),
 ///             Action::Send(m) / Action::SendPayload(p) => quic.write(..),
 ///             Action::Finished(_) | Action::Failed(_) => stop,
@@ -145,12 +147,15 @@ pub struct DestSession {
     src: Option<Bitmap>,
     /// After switchover: `src` ∪ local marks, the bitmap this host owns.
     live: Option<Bitmap>,
+    /// Local marks made after Accept and before switchover.
+    early: Option<Bitmap>,
     round: u32,
     payload: Option<Pending>,
     epoch_next: u64,
     final_root: Option<Root>,
     durable_wait: VecDeque<CommitKind>,
     handed_over: bool,
+    postcopy: bool,
     state: State,
     counting: bool,
     stats: Stats,
@@ -168,12 +173,14 @@ impl DestSession {
             offer: None,
             src: None,
             live: None,
+            early: None,
             round: 0,
             payload: None,
             epoch_next: 0,
             final_root: None,
             durable_wait: VecDeque::new(),
             handed_over: false,
+            postcopy: false,
             state: State::Incomplete,
             counting: false,
             stats: Stats::default(),
@@ -249,7 +256,7 @@ impl DestSession {
         if self.phase == Phase::Done {
             return Err(UsageError::Finished);
         }
-        if self.payload.is_some() {
+        if self.payload.is_some() && !matches!(msg, Message::Abort(_)) {
             self.fail(
                 PeerError::Unexpected {
                     got: msg.name(),
@@ -621,10 +628,12 @@ impl DestSession {
         self.counting = true;
         let epoch_next = self.epoch_next;
         if s.postcopy {
+            self.postcopy = true;
             // docs/protocol.md §5.5: the VM resumes here now, so this host owns the disk from
             // this moment whatever follows; the bitmap stays incomplete until verified.
             self.final_root = Some(s.final_root);
             self.live = self.src.clone();
+            self.adopt_early();
             self.round += 1;
             self.phase = Phase::PostCopy;
             self.state = State::Incomplete;
@@ -679,10 +688,19 @@ impl DestSession {
         // docs/protocol.md §5.4: verified; take ownership at epoch + 1.
         self.final_root = Some(s.final_root);
         self.live = self.src.take();
+        self.adopt_early();
         self.state = State::Consistent;
         self.stats.rounds += 1;
         self.queue_commit(CommitKind::Final, State::Consistent, None);
         self.phase = Phase::Owner;
+    }
+
+    /// Fold marks made before switchover into the bitmap this host now owns.
+    fn adopt_early(&mut self) {
+        if let (Some(live), Some(early)) = (self.live.as_mut(), self.early.take()) {
+            // Same geometry by construction.
+            let _ = live.merge(&early);
+        }
     }
 
     /// The agent made the last polled Commit durable (fsync done).
@@ -697,6 +715,38 @@ impl DestSession {
                 root: self.final_root.unwrap_or(Root([0; 32])),
             });
             self.phase = Phase::AwaitRetired;
+        }
+        Ok(())
+    }
+
+    /// The agent could not make the last polled Commit durable. Pre-copy: nothing here is
+    /// durable and the source was not told, so the source keeps the disk (the agent removes
+    /// whatever it wrote at the new epoch). Post-copy: this host owns the disk regardless; it
+    /// stays `incomplete` and a rebuild is requested (docs/protocol.md §6).
+    pub fn commit_failed(&mut self, why: &str) -> Result<(), UsageError> {
+        let Some(kind) = self.durable_wait.pop_front() else {
+            return Err(UsageError::NoCommitPending);
+        };
+        match self.phase {
+            Phase::Done => {}
+            Phase::Owner if kind == CommitKind::Final && !self.postcopy => {
+                self.handed_over = true;
+                self.live = None;
+                self.send(Message::Abort(Abort {
+                    reason: AbortReason::Internal,
+                    detail: BoundedString::truncating(format!(
+                        "destination could not commit: {why}"
+                    )),
+                    dest_owns: false,
+                }));
+                self.push(Action::Finished(Outcome::SourceKeeps));
+                self.phase = Phase::Done;
+            }
+            _ => self.owner_incomplete(
+                format!("store commit failed: {why}"),
+                Some(AbortReason::Internal),
+                None,
+            ),
         }
         Ok(())
     }
@@ -785,6 +835,7 @@ impl DestSession {
         self.queue.clear();
         self.src = None;
         self.live = None;
+        self.early = None;
         self.payload = None;
     }
 
@@ -864,11 +915,15 @@ impl DestSession {
     ) {
         self.payload = None;
         self.state = State::Incomplete;
-        self.queue_commit(
-            CommitKind::Terminal,
-            State::Incomplete,
-            Some(reason.clone()),
-        );
+        // After a consistent Commit was polled the agent holds the bitmap and tracks on its
+        // own; there is nothing left here to commit.
+        if self.live.is_some() {
+            self.queue_commit(
+                CommitKind::Terminal,
+                State::Incomplete,
+                Some(reason.clone()),
+            );
+        }
         let disk = self.offer.as_ref().map(|o| o.disk.clone());
         if let Some(disk) = disk {
             self.push(Action::RebuildNeeded {
@@ -893,44 +948,41 @@ impl DestSession {
         self.phase = Phase::Done;
     }
 
-    fn check_marks(&self, op: &'static str) -> Result<&'static str, UsageError> {
-        if self.live.is_some() && !self.handed_over {
-            Ok(op)
-        } else {
-            Err(UsageError::WrongPhase {
-                op,
-                phase: if self.handed_over {
-                    "tracking was handed to the store"
-                } else {
-                    "not the owner yet"
-                },
-            })
+    /// Where local marks go: the owned bitmap after switchover, or — between Accept and
+    /// switchover, when the VM may already write here (post-copy resumes before the Switchover
+    /// message arrives) — a side bitmap merged into the owned one at switchover.
+    fn mark_target(&mut self, op: &'static str) -> Result<&mut Bitmap, UsageError> {
+        let refuse = |phase| Err(UsageError::WrongPhase { op, phase });
+        if self.handed_over {
+            return refuse("tracking was handed to the store");
+        }
+        if self.live.is_some() {
+            return self.live.as_mut().map_or(refuse("not the owner"), Ok);
+        }
+        match (self.phase, self.offer.as_ref()) {
+            (Phase::Receiving, Some(o)) => {
+                let g = o.geom;
+                Ok(self.early.get_or_insert_with(|| Bitmap::new(g)))
+            }
+            _ => refuse("no disk accepted yet"),
         }
     }
 
-    /// A local write touched bytes `offset .. offset+len` (after switchover, until the agent
-    /// takes over tracking with the final Commit).
+    /// A local write touched bytes `offset .. offset+len`. Accepted from Accept until the agent
+    /// takes over tracking with the final Commit; marks made before switchover are discarded if
+    /// the session ends without this host owning the disk.
     pub fn mark(&mut self, offset: u64, len: u64) -> Result<u64, UsageError> {
-        self.check_marks("mark")?;
-        match self.live.as_mut() {
-            Some(l) => Ok(l.mark(offset, len)?),
-            None => Ok(0),
-        }
+        Ok(self.mark_target("mark")?.mark(offset, len)?)
     }
 
     /// Local writes touched blocks `first .. end`.
     pub fn mark_blocks(&mut self, first: u64, end: u64) -> Result<u64, UsageError> {
-        self.check_marks("mark_blocks")?;
-        Ok(self.live.as_mut().map_or(0, |l| l.set_blocks(first, end)))
+        Ok(self.mark_target("mark_blocks")?.set_blocks(first, end))
     }
 
     /// OR a bitmap of local marks in.
     pub fn local_marks(&mut self, marks: &Bitmap) -> Result<(), UsageError> {
-        self.check_marks("local_marks")?;
-        match self.live.as_mut() {
-            Some(l) => Ok(l.merge(marks)?),
-            None => Ok(()),
-        }
+        Ok(self.mark_target("local_marks")?.merge(marks)?)
     }
 
     /// Trust state of what this host holds: `incomplete` until every chunk and the final root
@@ -942,6 +994,11 @@ impl DestSession {
     /// Whether this host owns the disk now (switchover accepted).
     pub fn owns(&self) -> bool {
         self.phase.owns() || (self.phase == Phase::Done && self.final_root.is_some())
+    }
+
+    /// What the session is doing, in words (for status displays and logs).
+    pub fn phase(&self) -> &'static str {
+        self.phase.name()
     }
 
     /// Bytes and rounds so far.

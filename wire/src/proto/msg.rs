@@ -421,6 +421,83 @@ impl Message {
 mod tests {
     use super::*;
 
+    /// Tags are wire format: this pins every variant's position (append-only, §4) and that each
+    /// message survives a round trip through the frame codec.
+    #[test]
+    fn tags_are_frozen_and_every_message_round_trips() {
+        let root = Root([7; 32]);
+        let detail = BoundedString::new("why").unwrap();
+        let all = vec![
+            Message::Hello(Hello {
+                protocol_versions: BoundedVec::new(vec![1]).unwrap(),
+                features: features::ALL,
+                host: BoundedString::new("h").unwrap(),
+            }),
+            Message::Welcome(Welcome {
+                version: 1,
+                features: 1,
+            }),
+            Message::Refuse(Refuse {
+                reason: RefuseReason::PostcopyNotAllowed,
+                detail: detail.clone(),
+            }),
+            Message::Offer(Offer {
+                disk: DiskId::new("vm/vda").unwrap(),
+                size: 1 << 40,
+                granularity: 65536,
+                checkpoint: Some(WireCheckpoint {
+                    id: BoundedString::new("c").unwrap(),
+                    manifest_root: Some([1; 32]),
+                }),
+                epoch: 3,
+                chunk_bytes: 65536,
+                chunks: 32,
+                root,
+                mode: Mode::Postcopy,
+            }),
+            Message::Accept,
+            Message::Chunk(ChunkHeader {
+                round: 0,
+                index: 5,
+                kind: ChunkKind::Roaring,
+                cv: [9; 32],
+                payload_len: 77,
+            }),
+            Message::Delta(DeltaHeader {
+                round: 2,
+                base: 1 << 33,
+                encoding: DeltaEncoding::VarintGaps,
+                payload_len: 5,
+            }),
+            Message::RoundEnd { round: 1, root },
+            Message::RoundAck { round: 1, root },
+            Message::Switchover(Switchover {
+                epoch_next: 4,
+                final_root: root,
+                postcopy: true,
+            }),
+            Message::Committed { epoch: 4, root },
+            Message::Retired,
+            Message::Abort(Abort {
+                reason: AbortReason::Internal,
+                detail,
+                dest_owns: true,
+            }),
+        ];
+        assert_eq!(all.len(), MESSAGE_KINDS as usize);
+        for (tag, m) in all.iter().enumerate() {
+            let f = crate::proto::frame::encode(m).unwrap();
+            assert_eq!(f[4] as usize, tag, "{} moved", m.name());
+            let back = crate::proto::frame::decode_body(&f[4..]).unwrap();
+            assert_eq!(&back, m);
+        }
+        // Hello's layout is frozen forever (§4): versions, features, host.
+        assert_eq!(
+            crate::proto::frame::encode(&all[0]).unwrap(),
+            vec![6, 0, 0, 0, 0, 1, 1, 1, 1, b'h']
+        );
+    }
+
     #[test]
     fn bounded_string_rejects_long_input() {
         let ok = postcard::to_stdvec(&"a".repeat(MAX_HOST)).unwrap();

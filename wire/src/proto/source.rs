@@ -560,6 +560,8 @@ impl SourceSession {
         self.streaming = None;
         let epoch_next = self.epoch + 1;
         let final_root = if postcopy {
+            // Blocks marked again after they were sent need no chunk of their own.
+            let _ = self.pending.subtract(&self.sent);
             let mut live = self.sent.clone();
             let _ = live.merge(&self.pending);
             live.root()
@@ -586,6 +588,11 @@ impl SourceSession {
         Ok(())
     }
 
+    /// What the session is doing, in words (for status displays and logs).
+    pub fn phase(&self) -> &'static str {
+        self.phase.name()
+    }
+
     /// Bytes and rounds so far.
     pub fn stats(&self) -> Stats {
         self.stats
@@ -604,6 +611,16 @@ impl SourceSession {
     /// Whether every round sent so far has been acknowledged.
     pub fn rounds_acked(&self) -> bool {
         self.unacked.is_empty()
+    }
+
+    /// The disk being migrated.
+    pub fn disk(&self) -> &DiskId {
+        &self.disk
+    }
+
+    /// The source's ownership epoch (the destination will own at this + 1).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// This host's name as sent in Hello.

@@ -394,6 +394,10 @@ fn postcopy_merges_verified_source_chunks_with_local_marks() {
         &mut src_truth,
     );
     p.src.switchover(true).unwrap();
+    // The VM may resume (and write) on the destination before the Switchover message arrives.
+    let mut local = Bitmap::new(g);
+    p.dst.mark_blocks(33, 35).unwrap();
+    local.set_blocks(33, 35);
     // Deliver only the Switchover: the destination owns now and tracks locally at once.
     p.step_src(1);
     assert!(p.dst.owns());
@@ -401,7 +405,7 @@ fn postcopy_merges_verified_source_chunks_with_local_marks() {
     assert_eq!(p.commits.len(), 1);
     assert_eq!(p.commits[0].0.state, State::Incomplete);
     assert_eq!(p.commits[0].0.epoch, 2);
-    let mut local = Bitmap::new(g);
+    assert!(p.commits[0].1.is_set(33) && p.commits[0].1.is_set(34));
     let dst = &mut p.dst;
     random_marks(
         &mut rng,
@@ -827,6 +831,105 @@ fn a_message_out_of_place_is_a_protocol_error() {
     assert_eq!(d.handle(Message::Accept), Err(UsageError::Finished));
 }
 
+#[test]
+fn local_misuse_is_a_usage_error_and_changes_nothing() {
+    let g = geom();
+    let mut p = Pump::new(
+        source(Bitmap::new(g), 1, Mode::Precopy),
+        DestSession::new(policy(None)),
+    );
+    assert_eq!(
+        p.dst.on_payload(&[1, 2, 3]),
+        Err(UsageError::Payload {
+            expected: 0,
+            got: 3
+        })
+    );
+    assert_eq!(p.dst.committed_durably(), Err(UsageError::NoCommitPending));
+    assert!(matches!(
+        p.dst.mark(0, 1),
+        Err(UsageError::WrongPhase { .. })
+    ));
+    assert!(matches!(
+        p.src.start_round(),
+        Err(UsageError::WrongPhase { .. })
+    ));
+    assert!(matches!(p.src.mark(g.size(), 1), Err(UsageError::Range(_))));
+    p.src.mark_blocks(0, 100).unwrap();
+    for _ in 0..2 {
+        p.step_src(1);
+    }
+    // Bulk is streaming: a new round must wait; post-copy was not offered.
+    assert!(p.src.is_streaming());
+    assert_eq!(p.src.start_round(), Err(UsageError::RoundInProgress(0)));
+    assert_eq!(p.src.switchover(true), Err(UsageError::PostcopyUnavailable));
+    let other = Bitmap::new(Geometry::new(4096, 512).unwrap());
+    assert!(matches!(
+        p.src.local_marks(&other),
+        Err(UsageError::Geometry(_))
+    ));
+    // None of that disturbed the migration.
+    p.run();
+    p.src.switchover(false).unwrap();
+    p.run();
+    assert!(matches!(
+        p.src_outcome(),
+        Some(Outcome::Migrated { epoch: 2, .. })
+    ));
+    let mut want = Bitmap::new(g);
+    want.set_blocks(0, 100);
+    assert_eq!(p.last_commit().1, want);
+    assert_eq!(p.src.abort(), Err(UsageError::Finished));
+}
+
+#[test]
+fn a_failed_store_commit_never_leaves_two_owners() {
+    // Pre-copy: the destination's commit fails before Committed: the source keeps the disk.
+    let mut initial = Bitmap::new(geom());
+    initial.set_blocks(10, 20);
+    let mut p = Pump::new(
+        source(initial.clone(), 1, Mode::Postcopy),
+        DestSession::new(policy(None)),
+    );
+    p.run();
+    p.auto_durable = false;
+    p.src.switchover(false).unwrap();
+    p.run();
+    assert_eq!(p.commits.len(), 1);
+    p.dst.commit_failed("disk full").unwrap();
+    p.run();
+    assert_eq!(p.dst_outcome(), Some(Outcome::SourceKeeps));
+    assert_eq!(p.src_outcome(), Some(Outcome::SourceKeeps));
+    assert!(p.retired.is_none());
+
+    // Post-copy: the destination owns regardless; it stays incomplete and rebuilds.
+    let mut p = Pump::new(
+        source(initial, 1, Mode::Postcopy),
+        DestSession::new(policy(None)),
+    );
+    p.run();
+    p.auto_durable = false;
+    p.src.mark_blocks(500, 600).unwrap();
+    p.src.switchover(true).unwrap();
+    p.run();
+    assert_eq!(
+        p.commits.len(),
+        2,
+        "ownership commit, then the consistent one"
+    );
+    p.dst.committed_durably().unwrap(); // the incomplete ownership commit made it
+    p.dst.commit_failed("disk full").unwrap();
+    p.run();
+    assert_eq!(
+        p.dst_outcome(),
+        Some(Outcome::DestOwnsIncomplete { epoch: 2 })
+    );
+    assert_eq!(p.src_outcome(), Some(Outcome::HandedOver));
+    assert_eq!(p.rebuilds.len(), 1);
+    assert!(p.retired.is_none());
+    assert_eq!(p.dst.state(), State::Incomplete);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Aborts at every phase
 
@@ -1126,6 +1229,138 @@ mod fuzz {
             }
         }
         commits
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A write on the source (before switchover) or the destination (after).
+        Write(u64, u64),
+        /// Start a pre-copy round if possible.
+        Round,
+        /// A write on the destination, whatever the phase (the session takes it or refuses).
+        DestWrite(u64, u64),
+        /// Move at most this many source actions and deliver.
+        Step(usize),
+        /// Switch over (post-copy if true) if not yet done.
+        Switch(bool),
+        /// The link dies.
+        Lost,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (any::<u64>(), 1u64..20_000).prop_map(|(o, l)| Op::Write(o, l)),
+            1 => (any::<u64>(), 1u64..20_000).prop_map(|(o, l)| Op::DestWrite(o, l)),
+            2 => Just(Op::Round),
+            4 => (1usize..6).prop_map(Op::Step),
+            1 => any::<bool>().prop_map(Op::Switch),
+            1 => Just(Op::Lost),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+
+        /// Random interleavings of writes, rounds, partial delivery, switchover (either mode)
+        /// and link loss. Whatever happens: at most one owner; a consistent commit is exactly
+        /// source writes ∪ destination writes; no commit invents a bit; local marks are never
+        /// dropped; the source retires only after a consistent commit.
+        #[test]
+        fn random_migrations_keep_the_safety_rule(
+            ops in prop::collection::vec(op(), 1..40),
+            slice in 1usize..20_000,
+        ) {
+            let g = geom();
+            let mut src_truth = Bitmap::new(g);
+            let mut initial = Bitmap::new(g);
+            initial.set_blocks(1000, 1200);
+            src_truth.set_blocks(1000, 1200);
+            let mut p = Pump::new(source(initial, 3, Mode::Postcopy), DestSession::new(policy(Some(1))));
+            p.slice = slice;
+            let mut dst_truth = Bitmap::new(g);
+            let mut switched = false;
+            let mut lost = false;
+            for op in ops {
+                if lost {
+                    break;
+                }
+                match op {
+                    Op::Write(o, l) => {
+                        let o = o % g.size();
+                        let l = l.min(g.size() - o);
+                        if !switched {
+                            p.src.mark(o, l).unwrap();
+                            src_truth.mark(o, l).unwrap();
+                        } else if p.dst.mark(o, l).is_ok() {
+                            dst_truth.mark(o, l).unwrap();
+                        }
+                    }
+                    Op::DestWrite(o, l) => {
+                        let o = o % g.size();
+                        let l = l.min(g.size() - o);
+                        if p.dst.mark(o, l).is_ok() {
+                            dst_truth.mark(o, l).unwrap();
+                        }
+                    }
+                    Op::Round => { let _ = p.src.start_round(); }
+                    Op::Step(n) => p.step_src(n),
+                    Op::Switch(pc) => {
+                        if !switched && p.src.switchover(pc).is_ok() {
+                            switched = true;
+                        }
+                    }
+                    Op::Lost => {
+                        p.pull_src(usize::MAX);
+                        p.pull_dst();
+                        let _ = p.src.peer_lost();
+                        let _ = p.dst.peer_lost();
+                        p.pull_src(usize::MAX);
+                        p.pull_dst();
+                        lost = true;
+                    }
+                }
+            }
+            if !lost {
+                p.run();
+                if !switched {
+                    p.src.switchover(false).unwrap();
+                }
+                p.run();
+            }
+            let mut union = src_truth.clone();
+            union.merge(&dst_truth).unwrap();
+            for (meta, bm) in &p.commits {
+                prop_assert_eq!(meta.epoch, 4);
+                let mut extra = bm.clone();
+                extra.subtract(&union).unwrap();
+                prop_assert!(extra.is_clean(), "commit invented bits");
+                if meta.state == State::Consistent {
+                    prop_assert_eq!(bm, &union);
+                }
+            }
+            // Local marks made before the last commit are in it.
+            if let Some((_, last)) = p.commits.last()
+                && p.dst.mark(0, 1).is_err()
+            {
+                let mut missing = dst_truth.clone();
+                missing.subtract(last).unwrap();
+                prop_assert!(missing.is_clean(), "local marks dropped");
+            }
+            let s = p.src_outcome();
+            let d = p.dst_outcome();
+            if let (Some(s), Some(d)) = (s, d) {
+                prop_assert!(!(s.source_owns() && d.dest_owns()), "two owners: {:?} {:?}", s, d);
+            }
+            if p.retired.is_some() {
+                prop_assert!(p.commits.iter().any(|(m, _)| m.state == State::Consistent));
+                let dest_migrated = matches!(d, Some(Outcome::Migrated { .. }));
+                prop_assert!(dest_migrated, "retired but dest ended {:?}", d);
+            }
+            if !lost {
+                prop_assert!(s.is_some() && d.is_some(), "both sides end: {:?} {:?}", s, d);
+                prop_assert!(p.retired.is_some());
+            }
+        }
     }
 
     thread_local! {

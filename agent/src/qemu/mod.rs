@@ -1,0 +1,3 @@
+//! Talking to running QEMU processes (QEMU, `qemu-storage-daemon`).
+
+pub mod qmp;

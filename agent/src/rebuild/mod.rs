@@ -1,0 +1,83 @@
+//! Rebuilding a lost bitmap by comparing the live disk with a reference (bitmap-diff).
+//!
+//! The reference is either a raw backup image or a [`manifest::Manifest`] (one BLAKE3 hash per
+//! block, written at backup time) so only the live disk has to be read. [`scan`] is the fast
+//! comparison engine (large sequential reads overlapped with hashing on all cores, holes compared
+//! as zero blocks without reading them); [`job::RebuildJob`] wraps it as a resumable background
+//! job with progress, rate limit, cancel and a persisted state file.
+//!
+//! Safety: a scan reads each block once, at some moment. A write that lands after that moment is
+//! not seen by the scan, so every rebuild must be paired with marks recorded from *before* the
+//! scan starts and merged into the result at the end (see [`job::RebuildJob::marks`] and
+//! docs/rebuild.md).
+
+pub mod bench;
+pub mod holes;
+pub mod job;
+pub mod manifest;
+pub mod scan;
+pub mod state;
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::path::Path;
+
+/// Why a rebuild or a manifest operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A manifest that does not check out.
+    #[error("manifest {path} refused: {reason}")]
+    BadManifest {
+        /// The manifest file.
+        path: String,
+        /// What does not check out.
+        reason: String,
+    },
+    /// The reference cannot be used with these parameters.
+    #[error("reference refused: {0}")]
+    BadReference(String),
+    /// The disk geometry is not representable.
+    #[error(transparent)]
+    Geometry(#[from] wire::GeometryError),
+    /// The job was cancelled; its state (if any) was persisted for a later resume.
+    #[error("rebuild cancelled at byte {cursor}")]
+    Cancelled {
+        /// How far the scan got.
+        cursor: u64,
+    },
+    /// A scan worker died.
+    #[error("rebuild worker failed: {0}")]
+    Worker(String),
+}
+
+impl RebuildError {
+    /// An I/O error on `path`.
+    pub fn io(path: &Path, source: io::Error) -> Self {
+        RebuildError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// Size of a regular file or a block device (whose metadata length is 0), by seeking to its end.
+pub fn file_size(f: &std::fs::File) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let meta = f.metadata()?;
+    if meta.is_file() {
+        return Ok(meta.len());
+    }
+    let mut f = f;
+    let end = f.seek(SeekFrom::End(0))?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(end)
+}
