@@ -141,8 +141,15 @@ pub fn after_step(w: &mut World) {
         ));
     }
     // The VM runs only where the disk's tracking is owned.
+    // (or on a destination whose session will take ownership: post-copy early resume).
+    let pending_dest = |h: usize| {
+        matches!(
+            w.hosts[h].mig.as_ref().map(|m| &m.sess),
+            Some(crate::agent::Sess::Dst(_))
+        )
+    };
     if let Some(h) = w.vm.on
-        && (!w.hosts[h].up || !matches!(w.hosts[h].role, Role::Owner(_)))
+        && (!w.hosts[h].up || !(matches!(w.hosts[h].role, Role::Owner(_)) || pending_dest(h)))
     {
         found.push(format!(
             "VM runs on {} whose agent is {}",

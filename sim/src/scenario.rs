@@ -105,9 +105,9 @@ pub enum Bug {
     /// it. The protocol's root checks must catch this one: no violation may follow, and the
     /// migration must not complete as if nothing happened.
     DestSkipsChunk,
-    /// The hook resumes a post-copy VM on the destination at switchover, without waiting for
-    /// the destination's ownership commit.
-    ResumeBeforeOwnership,
+    /// The destination agent does not feed writes made before switchover (the VM resumed early
+    /// in post-copy) to its session.
+    DestIgnoresEarlyWrites,
 }
 
 impl Bug {
@@ -119,7 +119,7 @@ impl Bug {
         Bug::RecordingAsConsistent,
         Bug::RebuildMarksLate,
         Bug::DestSkipsChunk,
-        Bug::ResumeBeforeOwnership,
+        Bug::DestIgnoresEarlyWrites,
     ];
 
     /// Its command-line name.
@@ -131,7 +131,7 @@ impl Bug {
             Bug::RecordingAsConsistent => "recording-as-consistent",
             Bug::RebuildMarksLate => "rebuild-marks-late",
             Bug::DestSkipsChunk => "dest-skips-chunk",
-            Bug::ResumeBeforeOwnership => "resume-before-ownership",
+            Bug::DestIgnoresEarlyWrites => "dest-ignores-early-writes",
         }
     }
 
@@ -174,6 +174,9 @@ pub struct MigPlan {
     pub switch_after: u64,
     /// Abort this long after the start, by this side.
     pub abort: Option<(u64, Side)>,
+    /// Post-copy: the hypervisor resumes the VM on the destination at the switchover, before
+    /// the Switchover message arrives there (docs/protocol.md §5.5).
+    pub early_resume: bool,
 }
 
 /// A host crash.
@@ -322,7 +325,9 @@ impl Plan {
                 }
                 _ => None,
             };
+            let early_resume = postcopy && rng.random_bool(0.5);
             p.migrations.push(MigPlan {
+                early_resume,
                 start_at: t,
                 postcopy,
                 rounds: rng.random_range(0..=3),

@@ -123,6 +123,12 @@ pub struct MigRec {
     pub switch_bytes: Option<u64>,
     /// The destination's driver dropped a chunk (deliberate bug).
     pub chunk_skipped: bool,
+    /// The VM resumed on the destination before it owned the disk (post-copy early resume).
+    pub vm_left: bool,
+    /// The source's epoch and checkpoint when it started.
+    pub src_epoch: u64,
+    /// The source's checkpoint when it started.
+    pub checkpoint: Option<wire::Checkpoint>,
 }
 
 /// The simulated world of one seed.
@@ -464,7 +470,17 @@ impl World {
                 }
                 true
             }
-            _ => false,
+            // Not the owner yet, but the VM resumed here early (post-copy): the session keeps
+            // the marks until switchover (docs/protocol.md §5.5).
+            _ => match host.mig.as_mut() {
+                Some(HostMig {
+                    sess: Sess::Dst(d), ..
+                }) => {
+                    self.bugs.contains(&Bug::DestIgnoresEarlyWrites)
+                        || d.mark_blocks(first, end).is_ok()
+                }
+                _ => false,
+            },
         };
         if !ok {
             let name = self.hosts[h].name.clone();

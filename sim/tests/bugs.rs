@@ -16,7 +16,11 @@ fn first_failure(bug: Bug, scenarios: &[Scenario], seeds: u64) -> Option<(u64, S
 }
 
 fn caught(bug: Bug, scenarios: &[Scenario]) {
-    let Some((seed, sc)) = first_failure(bug, scenarios, 200) else {
+    caught_within(bug, scenarios, 200);
+}
+
+fn caught_within(bug: Bug, scenarios: &[Scenario], seeds: u64) {
+    let Some((seed, sc)) = first_failure(bug, scenarios, seeds) else {
         panic!("bug {} was never caught", bug.name());
     };
     // The failing seed replays to the same violation, and the same seed is clean without the bug.
@@ -48,10 +52,10 @@ fn skip_fsync_is_caught() {
 
 #[test]
 fn missing_handover_mark_is_caught() {
-    caught(
-        Bug::NoHandoverMark,
-        &[Scenario::SourceCrash, Scenario::TornWrite],
-    );
+    // Rare: a restarted source also asks the hypervisor where the VM runs (rule 5), which
+    // covers most of this bug; what is left is a restart that beats the Switchover to the
+    // destination (about 2 seeds in 1,000).
+    caught_within(Bug::NoHandoverMark, &[Scenario::SourceCrash], 1_500);
 }
 
 #[test]
@@ -116,6 +120,6 @@ fn dropped_chunk_is_caught_by_the_protocol() {
 }
 
 #[test]
-fn resuming_before_ownership_is_caught() {
-    caught(Bug::ResumeBeforeOwnership, &[Scenario::Postcopy]);
+fn ignoring_early_writes_is_caught() {
+    caught(Bug::DestIgnoresEarlyWrites, &[Scenario::Postcopy]);
 }

@@ -78,7 +78,13 @@ impl World {
                 switched_at: None,
             });
         }
+        let (src_epoch, checkpoint) = match &self.hosts[s].role {
+            Role::Owner(Track::Live { meta, .. }) => (meta.epoch, meta.checkpoint.clone()),
+            _ => (0, None),
+        };
         self.migs[i] = MigRec {
+            src_epoch,
+            checkpoint,
             started: true,
             src: s,
             dst: d,
@@ -159,9 +165,13 @@ impl World {
                     self.vm.on = None;
                 }
                 self.vm.paused_by = Some(i);
-                if mp.postcopy && self.has(Bug::ResumeBeforeOwnership) && self.hosts[d].up {
+                if mp.postcopy && mp.early_resume && self.session_of(d, i).is_some() {
+                    // The hypervisor resumes the VM on the destination at once.
                     self.vm.paused_by = None;
                     self.vm.on = Some(d);
+                    self.migs[i].vm_left = true;
+                    let dn = self.hosts[d].name.clone();
+                    self.log(|| format!("VM resumes early on {dn}"));
                 }
                 self.log(|| format!("migration {i}: switchover (VM paused)"));
                 return self.drive(s);
@@ -376,6 +386,24 @@ impl World {
             }
             Sess::Dst(_) => {
                 self.migs[m.id].dst_end = Some(o);
+                if !o.dest_owns() && self.vm.on == Some(h) {
+                    // The VM runs here but the session ended without ownership (post-copy
+                    // Switchover lost, or fenced): claim the disk `incomplete` at the epoch the
+                    // switchover would have given and rebuild (docs/protocol.md §6).
+                    let rec = &self.migs[m.id];
+                    let epoch = (rec.src_epoch + 1).max(self.tombstone_read(h) + 1);
+                    let meta = Meta {
+                        disk: self.disk.clone(),
+                        geometry: self.geom,
+                        checkpoint: rec.checkpoint.clone(),
+                        epoch,
+                        state: State::Rebuilding,
+                        reason: None,
+                        generation: 0,
+                    };
+                    self.log(|| format!("{name}: the VM runs here without ownership; claiming"));
+                    self.begin_rebuild(h, meta, None)?;
+                }
             }
         }
         Ok(())

@@ -132,6 +132,13 @@ impl World {
             .map(|c| c.down_for)
             .max()
             .unwrap_or(10 * MS);
+        // A third of restarts are quick (a supervisor restarting the process): they race the
+        // peer's reaction to the crash.
+        let down = if self.rng.random_bool(0.3) {
+            5 * MS
+        } else {
+            down
+        };
         let at = self.now + self.rng.random_range(1..=down);
         self.schedule(at, Ev::Restart(h));
     }
@@ -159,6 +166,18 @@ impl World {
             }
             Ok(l) => {
                 let state = l.state();
+                // The agent asks the hypervisor where the VM runs: if it already runs on another
+                // host (post-copy early resume before this host's Switchover left), a file
+                // here proves nothing about ownership; resolve with the peer instead.
+                let vm_elsewhere = self.vm.on.is_some_and(|x| x != h);
+                let handed = state == State::Incomplete
+                    && l.meta.as_ref().and_then(|m| m.reason.as_deref()) == Some(HANDED_OVER);
+                if vm_elsewhere && !handed {
+                    let epoch = l.meta.map(|m| m.epoch);
+                    self.set_role(h, Role::Unknown { epoch });
+                    self.schedule(self.now, Ev::Resolve(h));
+                    return Ok(());
+                }
                 match (l.meta, l.bitmap) {
                     (Some(mut meta), Some(mut bitmap)) => match state {
                         State::Consistent => {
@@ -261,12 +280,19 @@ impl World {
             .unwrap_or(0)
             .max(self.tombstone_read(h))
             .max(self.tombstone_read(p));
+        // The hand-over copy is complete only if the VM never ran elsewhere since.
+        let vm_left = self
+            .migs
+            .iter()
+            .rev()
+            .find(|m| m.started && m.src == h)
+            .is_some_and(|m| m.vm_left);
         let role = std::mem::replace(&mut self.hosts[h].role, Role::None);
         match role {
             Role::InDoubt {
                 mut meta,
                 mut bitmap,
-            } if peer_nothing => {
+            } if peer_nothing && !vm_left => {
                 // The peer never durably owned the disk, so the VM never ran there: the
                 // handed-over copy is complete (the VM was paused since). Take it back.
                 // We handed over at `meta.epoch`: the peer may have owned epoch + 1.
