@@ -450,6 +450,15 @@ pub fn run(p: &Params) -> Result<serde_json::Value, BenchError> {
         v[v.len() / 2]
     };
     let (mig_s, raw_s, whole_s) = (med(&mut mig), med(&mut raw), med(&mut whole));
+    // The same bulk with no network at all: what the sessions themselves cost.
+    let (mem_s, mem_src_s) = {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(p.seed);
+        let mut bytes = vec![0u8; geom.raw_len()];
+        rng.fill(&mut bytes[..]);
+        let b = Bitmap::from_raw(geom, &bytes).map_err(|e| bad(e.to_string()))?;
+        drop(bytes);
+        sessions_only_bulk_seconds(b)?
+    };
     let last = last.expect("at least one iteration");
     let mib = |s: f64| raw_len as f64 / (1 << 20) as f64 / s;
     let ratio = raw_s / mig_s;
@@ -478,6 +487,10 @@ pub fn run(p: &Params) -> Result<serde_json::Value, BenchError> {
             "baseline_seconds": raw_s,
             "baseline_mib_s": mib(raw_s),
             "ratio": ratio,
+            "sessions_only_seconds": mem_s,
+            "sessions_only_source_seconds": mem_src_s,
+            "sessions_only_note": "the same bulk with both sessions in one thread, frames encoded \
+                                   and decoded, no network: the protocol's own CPU cost",
             "target_ratio_at_least": TARGET_BULK_RATIO,
             "meets_target": ratio >= TARGET_BULK_RATIO,
         },
@@ -489,4 +502,59 @@ pub fn run(p: &Params) -> Result<serde_json::Value, BenchError> {
             mib(raw_s)
         ),
     }))
+}
+
+/// Seconds the two sessions alone need for the bulk of `bitmap` (source producing every chunk,
+/// destination verifying it and the round's root) with no network: actions handed across in
+/// memory, frames encoded and decoded. Splits the dense figure into session and transport
+/// cost.
+pub fn sessions_only_bulk_seconds(bitmap: Bitmap) -> Result<(f64, f64), BenchError> {
+    use wire::proto::frame;
+    let disk = DiskId::new("bench/disk").expect("valid disk id");
+    let mut s = SourceSession::new(SourceConfig {
+        host: "bench-src".into(),
+        disk: disk.clone(),
+        bitmap,
+        checkpoint: None,
+        epoch: 1,
+        mode: Mode::Precopy,
+    })?;
+    let mut d = DestSession::new(DestPolicy {
+        expected: vec![Expectation {
+            disk,
+            from: Some("bench-src".into()),
+            owned_epoch: None,
+        }],
+        allow_postcopy: true,
+    });
+    let start = Instant::now();
+    let mut source_time = Duration::ZERO;
+    loop {
+        let t = Instant::now();
+        let a = s.poll_action();
+        source_time += t.elapsed();
+        match a {
+            Some(Action::Send(m)) => {
+                let f = frame::encode(&m).expect("fits");
+                d.handle(frame::decode_body(&f[frame::PREFIX..]).expect("valid"))?;
+            }
+            Some(Action::SendPayload(p)) => d.on_payload(&p)?,
+            Some(other) => return Err(session_err("source", format!("{other:?}"))),
+            None => {}
+        }
+        while let Some(back) = d.poll_action() {
+            match back {
+                Action::Send(m) => {
+                    let t = Instant::now();
+                    s.handle(m)?;
+                    source_time += t.elapsed();
+                }
+                other => return Err(session_err("destination", format!("{other:?}"))),
+            }
+        }
+        if s.stats().rounds >= 1 {
+            let total = start.elapsed().as_secs_f64();
+            return Ok((total, source_time.as_secs_f64()));
+        }
+    }
 }
