@@ -80,7 +80,7 @@ const CONTAINER_BYTES: usize = 8192;
 /// serialization exceeds the raw bytes and [`encode_chunk`] would pick raw anyway. Only for
 /// whole containers; anything else takes the exact path.
 fn raw_certainly_smallest(raw: &[u8]) -> bool {
-    if raw.is_empty() || raw.len() % CONTAINER_BYTES != 0 {
+    if raw.is_empty() || !raw.len().is_multiple_of(CONTAINER_BYTES) {
         return false;
     }
     raw.chunks_exact(CONTAINER_BYTES).all(|c| {
