@@ -7,6 +7,7 @@ mod agent_control;
 mod bitmap_cli;
 mod cert;
 mod migrate;
+mod migrate_refusals;
 mod qcow2;
 mod rebuild;
 mod rebuild_agent;

@@ -277,25 +277,45 @@ impl Bitmap {
             });
         }
         let start = i * WORDS_PER_CHUNK;
-        let mut new_words = Vec::with_capacity(raw.len().div_ceil(8));
-        for (k, bytes) in raw.chunks(8).enumerate() {
+        let word = |bytes: &[u8]| {
             let mut le = [0u8; 8];
             le[..bytes.len()].copy_from_slice(bytes);
-            let w = u64::from_le_bytes(le);
-            new_words.push(if or { w | self.words[start + k] } else { w });
-        }
-        let last = start + new_words.len() - 1;
+            u64::from_le_bytes(le)
+        };
+        let n = raw.len().div_ceil(8);
+        let last = start + n - 1;
         let used = self.geom.blocks() % 64;
-        if last == self.words.len() - 1
-            && used != 0
-            && new_words.last().is_some_and(|w| w >> used != 0)
-        {
+        // Checked before anything is written. OR-ing keeps the existing tail bits, which are
+        // zero, so the new bytes' last word decides alone.
+        if last == self.words.len() - 1 && used != 0 && word(&raw[(n - 1) * 8..]) >> used != 0 {
             return Err(DecodeError::TailBits);
         }
-        if self.words[start..=last] != new_words[..] {
-            self.words[start..=last].copy_from_slice(&new_words);
+        // In place, word by word: this is the migration bulk's hot path (bench migrate).
+        let mut changed = false;
+        for (dst, bytes) in self.words[start..=last].iter_mut().zip(raw.chunks(8)) {
+            let w = word(bytes);
+            let w = if or { w | *dst } else { w };
+            changed |= *dst != w;
+            *dst = w;
+        }
+        if changed {
             self.tree.invalidate(i);
         }
+        Ok(())
+    }
+
+    /// Overwrite chunk `i` like [`Bitmap::apply_chunk_raw`] and install `cv`, the chunk's
+    /// chaining value ([`crate::tree::chunk_cv`] of `raw` at `i`) that the caller has just
+    /// computed or verified, so the next [`Bitmap::root`] does not hash the chunk again. The
+    /// migration's bulk path hashes every chunk once per side instead of twice.
+    pub fn apply_chunk_raw_with_cv(
+        &mut self,
+        i: usize,
+        raw: &[u8],
+        cv: crate::tree::Cv,
+    ) -> Result<(), DecodeError> {
+        self.apply_chunk_raw(i, raw, false)?;
+        self.tree.set_leaf(i, cv);
         Ok(())
     }
 

@@ -47,6 +47,12 @@ pub fn encode_chunk(raw: &[u8]) -> ChunkEncoding {
             payload: Vec::new(),
         };
     }
+    if raw_certainly_smallest(raw) {
+        return ChunkEncoding {
+            kind: ChunkKind::Raw,
+            payload: raw.to_vec(),
+        };
+    }
     let mut rb = RoaringBitmap::from_lsb0_bytes(0, raw);
     rb.optimize();
     if rb.serialized_size() < raw.len() {
@@ -62,6 +68,33 @@ pub fn encode_chunk(raw: &[u8]) -> ChunkEncoding {
         kind: ChunkKind::Raw,
         payload: raw.to_vec(),
     }
+}
+
+/// Bytes of one roaring container's worth of bits (65,536 positions).
+const CONTAINER_BYTES: usize = 8192;
+
+/// Whether roaring cannot beat raw for `raw`, decided without building the roaring bitmap (a
+/// dense chunk costs more to try than to send; bench migrate). Roaring serializes each
+/// container of 65,536 positions in at least min(2·cardinality, 8192, 2 + 4·runs) bytes, plus a
+/// header, so if every container has more than 4,096 bits set and at least 2,048 runs, the
+/// serialization exceeds the raw bytes and [`encode_chunk`] would pick raw anyway. Only for
+/// whole containers; anything else takes the exact path.
+fn raw_certainly_smallest(raw: &[u8]) -> bool {
+    if raw.is_empty() || !raw.len().is_multiple_of(CONTAINER_BYTES) {
+        return false;
+    }
+    raw.chunks_exact(CONTAINER_BYTES).all(|c| {
+        let (mut card, mut runs, mut carry) = (0u32, 0u32, 0u64);
+        for b in c.chunks_exact(8) {
+            let w = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+            card += w.count_ones();
+            // A run starts at a set bit whose lower neighbour (LSB-first) is clear; the first
+            // bit of a container has no neighbour, as in roaring's own run count.
+            runs += (w & !((w << 1) | carry)).count_ones();
+            carry = w >> 63;
+        }
+        card > 4096 && runs >= 2048
+    })
 }
 
 /// Decode a chunk that must be exactly `raw_len` raw bytes. Rejects payloads larger than the
@@ -122,6 +155,54 @@ pub fn decode_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The shortcut never changes the result: whenever it says raw, roaring is no smaller.
+        /// Chunks built from runs of random length with a random density, around the
+        /// thresholds.
+        #[test]
+        fn dense_shortcut_agrees_with_roaring(
+            density in 0.0f64..1.0,
+            run_max in 1usize..40,
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            let mut x = seed | 1;
+            let mut next = move || { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x };
+            let mut raw = vec![0u8; 65536];
+            let mut bit = 0;
+            while bit < raw.len() * 8 {
+                let len = 1 + (next() as usize) % run_max;
+                if (next() % 1_000_000) as f64 / 1e6 < density {
+                    for b in bit..(bit + len).min(raw.len() * 8) {
+                        raw[b / 8] |= 1 << (b % 8);
+                    }
+                }
+                bit += len;
+            }
+            if raw_certainly_smallest(&raw) {
+                let mut rb = RoaringBitmap::from_lsb0_bytes(0, &raw);
+                rb.optimize();
+                proptest::prop_assert!(rb.serialized_size() >= raw.len());
+            }
+        }
+    }
+
+    #[test]
+    fn dense_shortcut_takes_random_bytes_only() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let random: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        assert!(raw_certainly_smallest(&random));
+        assert_eq!(encode_chunk(&random).kind, ChunkKind::Raw);
+        assert!(!raw_certainly_smallest(&[0xff; 65536]));
+        assert!(!raw_certainly_smallest(&random[..1000]));
+    }
 
     #[test]
     fn picks_the_smallest_form() {

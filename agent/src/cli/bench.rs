@@ -21,6 +21,32 @@ pub enum BenchCmd {
     Quic(QuicArgs),
     /// Rebuild throughput: manifest mode vs a plain read, vs backup mode, and a 90%-holes image.
     Rebuild(RebuildBenchArgs),
+    /// Migration: switchover bytes against QEMU's stop-and-copy payload at several disk sizes,
+    /// and dense bulk throughput against raw quinn.
+    Migrate(MigrateBenchArgs),
+}
+
+/// `bench migrate` arguments.
+#[derive(Debug, Args)]
+pub struct MigrateBenchArgs {
+    /// Disk sizes of the switchover scenarios (4K granularity).
+    #[arg(long, value_parser = parse_size, value_delimiter = ',', default_value = "64G,1T,16T")]
+    pub sizes: Vec<u64>,
+    /// Granularity of the switchover scenarios.
+    #[arg(long, value_parser = parse_size, default_value = "4K")]
+    pub granularity: u64,
+    /// Random clean blocks marked for the pre-copy round, and again during the last one.
+    #[arg(long, default_value_t = 16384)]
+    pub marks: usize,
+    /// Raw bytes of the dense bitmap of the bulk-throughput figure.
+    #[arg(long, value_parser = parse_size, default_value = "128M")]
+    pub dense_bytes: u64,
+    /// Runs of the throughput figures (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub iterations: usize,
+    /// RNG seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
 }
 
 /// `bench rebuild` arguments.
@@ -83,6 +109,18 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Root(a) => root(ctx, a),
         BenchCmd::Quic(a) => quic(ctx, a),
+        BenchCmd::Migrate(a) => {
+            let p = crate::migrate::bench::Params {
+                sizes: a.sizes,
+                granularity: a.granularity,
+                marks: a.marks,
+                dense_bytes: a.dense_bytes,
+                iterations: a.iterations,
+                seed: a.seed,
+            };
+            print(ctx.json, &crate::migrate::bench::run(&p)?);
+            Ok(())
+        }
         BenchCmd::Rebuild(a) => {
             let p = crate::rebuild::bench::BenchParams {
                 size: a.size,

@@ -106,6 +106,10 @@ async fn serve(conn: Connection, shared: Shared) -> Result<()> {
                 }
                 Action::Finished(o) => break 'session Ok(o),
                 Action::Failed(f) => {
+                    // Refusals happen before the offer is accepted, when no status exists
+                    // yet: the log is the operator's only trace of them on this host.
+                    let disk = session.disk().map(ToString::to_string).unwrap_or_default();
+                    tracing::warn!(%peer, %disk, error = %f.error, "incoming migration refused or aborted");
                     if let Some(s) = &status {
                         s.lock().expect("status lock").error = Some(f.error.to_string());
                     }

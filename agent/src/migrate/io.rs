@@ -1,12 +1,19 @@
 //! Moving protocol frames and payloads between a session and a QUIC stream.
 //!
-//! Reading runs in its own task that feeds a [`FrameDecoder`] and forwards whole items, so the
+//! Reading runs in its own task that reads whole items off the stream and forwards them, so the
 //! session loop can `select!` on items and commands without cancelling a half-read frame.
+//!
+//! The reader reads each frame's length prefix, checks it against the protocol's maximum before
+//! reading the body, decodes the body, then reads exactly the announced payload straight into
+//! the buffer it forwards: one copy out of quinn, none through an intermediate decoder buffer
+//! (the bulk path's hot loop; `bitferry bench migrate`). It reports exactly what
+//! [`wire::proto::FrameDecoder`] would for the same bytes.
 
 use crate::transport::{FrameReader, FrameWriter, TransportError};
 use bytes::Bytes;
+use quinn::{ReadExactError, RecvStream};
 use tokio::sync::mpsc;
-use wire::proto::{Action, FrameDecoder, FrameError, Incoming, frame};
+use wire::proto::{Action, FrameError, Incoming, MAX_FRAME, frame};
 
 /// What the reader task saw.
 #[derive(Debug)]
@@ -24,42 +31,73 @@ pub enum NetEvent {
 pub fn spawn_reader(mut r: FrameReader) -> mpsc::Receiver<NetEvent> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
-        let mut dec = FrameDecoder::new();
+        let q = r.quinn();
+        let mut body = Vec::new();
         loop {
-            match r.quinn().read_chunk(1 << 20, true).await {
-                Ok(Some(chunk)) => {
-                    dec.push(&chunk.bytes);
-                    loop {
-                        match dec.next_item() {
-                            Ok(Some(item)) => {
-                                if tx.send(NetEvent::Item(item)).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                let _ = tx.send(NetEvent::Bad(e)).await;
-                                return;
-                            }
-                        }
-                    }
-                }
-                Ok(None) => {
-                    let ev = match dec.finish() {
-                        Ok(()) => NetEvent::Lost("the peer finished its stream".into()),
-                        Err(e) => NetEvent::Bad(e),
-                    };
+            let (msg, ev) = match read_message(q, &mut body).await {
+                Ok(m) => (m.payload_len(), NetEvent::Item(Incoming::Message(m))),
+                Err(ev) => {
                     let _ = tx.send(ev).await;
                     return;
                 }
-                Err(e) => {
-                    let _ = tx.send(NetEvent::Lost(e.to_string())).await;
+            };
+            if tx.send(ev).await.is_err() {
+                return;
+            }
+            if msg > 0 {
+                // `decode_body` bounded the announced length by MAX_PAYLOAD.
+                let mut p = vec![0u8; msg];
+                let ev = match q.read_exact(&mut p).await {
+                    Ok(()) => NetEvent::Item(Incoming::Payload(p)),
+                    Err(e) => {
+                        let _ = tx.send(ended(e, 0)).await;
+                        return;
+                    }
+                };
+                if tx.send(ev).await.is_err() {
                     return;
                 }
             }
         }
     });
     rx
+}
+
+/// The next frame's message; `Err` with the event that ends the stream.
+async fn read_message(
+    q: &mut RecvStream,
+    body: &mut Vec<u8>,
+) -> Result<wire::proto::Message, NetEvent> {
+    let mut prefix = [0u8; frame::PREFIX];
+    match q.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(ReadExactError::FinishedEarly(0)) => {
+            return Err(NetEvent::Lost("the peer finished its stream".into()));
+        }
+        Err(e) => return Err(ended(e, 0)),
+    }
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        return Err(NetEvent::Bad(FrameError::Oversized {
+            len: len as u64,
+            max: MAX_FRAME,
+        }));
+    }
+    body.clear();
+    body.resize(len, 0);
+    if let Err(e) = q.read_exact(body).await {
+        return Err(ended(e, frame::PREFIX));
+    }
+    frame::decode_body(body).map_err(NetEvent::Bad)
+}
+
+/// The event for a read that stopped early: truncation (after `before` bytes of the item
+/// already read) or a lost stream.
+fn ended(e: ReadExactError, before: usize) -> NetEvent {
+    match e {
+        ReadExactError::FinishedEarly(got) => NetEvent::Bad(FrameError::Truncated(before + got)),
+        ReadExactError::ReadError(e) => NetEvent::Lost(e.to_string()),
+    }
 }
 
 /// Perform a `Send` or `SendPayload` action. Other actions are the caller's.

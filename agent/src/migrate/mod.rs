@@ -5,6 +5,7 @@
 //! One migration per disk at a time. Its handle ([`Migration`]) lives in the agent state so the
 //! control socket can route marks, switchover and abort to it and report its status.
 
+pub mod bench;
 pub mod dest;
 pub mod io;
 pub mod source;

@@ -558,7 +558,8 @@ impl DestSession {
             return;
         }
         let r = match self.src.as_mut() {
-            Some(src) => src.apply_chunk_raw(index, &raw, false),
+            // `h.cv` was just checked against `raw`: the round's root need not hash it again.
+            Some(src) => src.apply_chunk_raw_with_cv(index, &raw, h.cv),
             None => return,
         };
         if let Err(e) = r {

@@ -215,6 +215,7 @@ impl SourceSession {
             *a |= *b;
         }
         let enc = encode_chunk(&raw);
+        let cv = chunk_cv(i, &raw);
         let header = ChunkHeader {
             round: if postcopy {
                 self.postcopy_round
@@ -223,11 +224,12 @@ impl SourceSession {
             },
             index: i as u32,
             kind: enc.kind,
-            cv: chunk_cv(i, &raw),
+            cv,
             payload_len: enc.payload.len() as u32,
         };
-        // Cannot fail: `raw` has the chunk's exact length and comes from valid bitmaps.
-        let _ = self.sent.apply_chunk_raw(i, &raw, false);
+        // Cannot fail: `raw` has the chunk's exact length and comes from valid bitmaps. `cv`
+        // is its hash, so the round's root does not hash the chunk again.
+        let _ = self.sent.apply_chunk_raw_with_cv(i, &raw, cv);
         self.pending.clear_chunk(i);
         self.queue.push_back(Action::Send(Message::Chunk(header)));
         if !enc.payload.is_empty() {
