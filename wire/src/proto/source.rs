@@ -208,11 +208,14 @@ impl SourceSession {
         }
         // Chunk content = what the destination has ∪ what is pending; it replaces the
         // destination's chunk (docs/protocol.md §5.2).
-        let mut raw = Vec::new();
-        self.sent.chunk_raw(i, &mut raw);
-        self.pending.chunk_raw(i, &mut self.buf);
-        for (a, b) in raw.iter_mut().zip(&self.buf) {
-            *a |= *b;
+        let mut raw = Vec::with_capacity(crate::CHUNK_BYTES);
+        self.pending.chunk_raw(i, &mut raw);
+        // In the bulk round the destination has nothing yet: skip the merge.
+        if !self.sent.chunk_is_clean(i) {
+            self.sent.chunk_raw(i, &mut self.buf);
+            for (a, b) in raw.iter_mut().zip(&self.buf) {
+                *a |= *b;
+            }
         }
         let enc = encode_chunk(&raw);
         let cv = chunk_cv(i, &raw);
