@@ -6,6 +6,7 @@ mod common;
 mod agent_control;
 mod bitmap_cli;
 mod cert;
+mod demo;
 mod migrate;
 mod migrate_refusals;
 mod qcow2;

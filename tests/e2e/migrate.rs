@@ -208,6 +208,15 @@ fn postcopy_with_marks_on_the_destination_ends_with_the_verified_union() {
         s["phase"] == "post-copy" || s["finished"] == true
     });
     // The VM runs on the destination now: its writes are tracked there at once.
+    // The source can no longer get a write to the destination: it must say so, not swallow it.
+    let late = p
+        .src
+        .cli(&["bitmap", "mark", "--disk", "vm/d", "--range", "0:1"]);
+    assert!(
+        !late.status.success(),
+        "a mark after switchover was accepted by the source"
+    );
+    assert!(String::from_utf8_lossy(&late.stderr).contains("NOT recorded"));
     p.wait(&p.dst, "destination in post-copy", |s| {
         assert_ne!(
             s["finished"], true,

@@ -96,7 +96,10 @@ struct Vm {
 
 impl Vm {
     fn write_once(&self, rng: &mut impl Rng) -> Result<()> {
-        let Some(owner) = self.owner.lock().expect("vm lock").clone() else {
+        // Held for the whole write, so pausing the VM (`set_owner`) waits for a write in
+        // flight to be reported, as a hypervisor's pause does.
+        let guard = self.owner.lock().expect("vm lock");
+        let Some(owner) = guard.clone() else {
             return Ok(());
         };
         let off = rng.random_range(0..SIZE / 4096) * 4096;
@@ -116,6 +119,7 @@ impl Vm {
             Some(Duration::from_secs(10)),
         )?;
         self.writes.fetch_add(1, Ordering::Relaxed);
+        drop(guard);
         Ok(())
     }
 
@@ -430,64 +434,72 @@ pub fn run(_ctx: &Ctx, a: DemoArgs) -> Result<()> {
         "a cut post-copy must not look trustworthy: {a_show}"
     );
 
-    say("5. Rebuild host-a's bitmap: compare the live disk with the backup's manifest.");
+    say(
+        "5. Rebuild host-a's bitmap in the background against the backup's manifest; the VM keeps writing.",
+    );
+    host_a.call(Request::RebuildStart {
+        disk: disk.clone(),
+        image: live.clone(),
+        manifest: Some(manifest.clone()),
+        backup: None,
+        granularity: Some(GRAN),
+        rate: Some(64 << 20), // 64 MiB/s, so the scan visibly overlaps the VM's writes
+    })?;
+    let writes_before = vm.writes.load(Ordering::Relaxed);
+    let t = Instant::now();
+    let job = loop {
+        let j = host_a.call(Request::RebuildStatus {
+            disk: Some(disk.clone()),
+        })?;
+        if j["state"] != "running" {
+            break j;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "rebuild did not finish: {j}"
+        );
+        println!(
+            "  scanning: {} of {} read at {}/s",
+            human(j["done"].as_u64().unwrap_or(0)),
+            human(j["total"].as_u64().unwrap_or(0)),
+            human(j["rate"].as_f64().unwrap_or(0.0) as u64)
+        );
+        std::thread::sleep(Duration::from_millis(400));
+    };
+    ensure!(
+        job["state"] == "completed",
+        "rebuild did not complete: {job}"
+    );
+    println!(
+        "  done: read {} of the live disk (holes skipped) in {:.1} s; the VM wrote {} times meanwhile",
+        human(job["bytes_read"].as_u64().unwrap_or(0)),
+        t.elapsed().as_secs_f64(),
+        vm.writes.load(Ordering::Relaxed) - writes_before
+    );
+    std::thread::sleep(Duration::from_millis(300));
     vm.running.store(false, Ordering::Relaxed);
     writer
         .join()
         .map_err(|_| anyhow::anyhow!("writer panicked"))??;
-    call(
-        &host_a.control,
-        &Request::Shutdown,
-        Some(Duration::from_secs(10)),
-    )?;
-    let store_a = host_a.dir.join("store");
-    let t = Instant::now();
-    while host_a.control.exists() && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let r = run_cli(
-        &exe,
-        &[
-            "--store",
-            &store_a.to_string_lossy(),
-            "rebuild",
-            "--image",
-            &live.to_string_lossy(),
-            "--manifest",
-            &manifest.to_string_lossy(),
-            "--granularity",
-            "64K",
-            "--disk",
-            DISK,
-        ],
-    )?;
+    let r = host_a.show()?;
     let truth = vm.truth.lock().expect("vm lock").clone();
     println!(
-        "  read {} of the live disk in {:.2} s; {} dirty blocks; state {}",
-        human(r["bytes_read"].as_u64().unwrap_or(0)),
-        r["seconds"].as_f64().unwrap_or(0.0),
+        "  host-a: state {}, {} dirty blocks, checkpoint {} (bound to the manifest's root)",
+        r["state"].as_str().unwrap_or("?"),
         r["dirty_blocks"],
-        r["state"].as_str().unwrap_or("?")
+        r["checkpoint"].as_str().unwrap_or("?")
     );
     ensure!(
-        r["state"] == "consistent",
-        "rebuild did not end consistent: {r}"
+        r["state"] == "recording",
+        "the rebuilt bitmap is not live: {r}"
     );
     ensure!(covers(&r, &truth)?, "the rebuilt bitmap misses a write");
     println!(
-        "  safety check: the rebuilt bitmap covers all {} writes since the backup ✓",
+        "  safety check: the bitmap covers all {} writes since the backup, including those made during the scan ✓",
         vm.writes.load(Ordering::Relaxed)
     );
-    let v = Command::new(&exe)
-        .arg("--store")
-        .arg(&store_a)
-        .args(["bitmap", "verify", "--disk", DISK])
-        .output()?;
-    print!(
-        "  $ bitferry bitmap verify --disk {DISK}\n  {}",
-        String::from_utf8_lossy(&v.stdout)
-    );
-    ensure!(v.status.success(), "verify failed");
+    let v = host_a.call(Request::Verify { disk: disk.clone() })?;
+    println!("  verify: ok, root {}", v["root"].as_str().unwrap_or("?"));
 
     println!("\nDemo finished in {:.1} s.", t0.elapsed().as_secs_f64());
     if a.keep {

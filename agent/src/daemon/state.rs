@@ -265,6 +265,19 @@ impl AgentState {
                 Ok(v)
             }
             Request::Mark { disk, ranges } => {
+                // docs/operations.md §Migrations: once a switchover is requested this host can no
+                // longer get a write to the destination. Saying so is the only safe answer: the
+                // tracker must report the write to the destination instead.
+                if self
+                    .migrations
+                    .get(&disk)
+                    .is_some_and(Migration::source_handed_off)
+                {
+                    bail!(
+                        "{disk} is being handed over to another host (switchover requested): \
+                         this mark was NOT recorded here; report the write to the destination"
+                    );
+                }
                 // A running rebuild gets every mark (docs/rebuild.md §In the agent).
                 let rebuilding = self.rebuild_mark(&disk, &ranges)?;
                 // A running migration gets every mark too (docs/protocol.md §5).
@@ -372,6 +385,8 @@ impl AgentState {
                 if !matches!(phase, "connecting" | "negotiating" | "bulk" | "pre-copy") {
                     bail!("{disk}'s migration is not ready for switchover (phase: {phase})");
                 }
+                m.switchover_requested
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 m.cmd
                     .send(Cmd::Switchover { postcopy })
                     .map_err(|_| anyhow::anyhow!("the migration of {disk} has already ended"))?;

@@ -135,6 +135,7 @@ async fn serve(conn: Connection, shared: Shared) -> Result<()> {
                     role: Role::Destination,
                     cmd: tx,
                     status: s.clone(),
+                    switchover_requested: Default::default(),
                 },
             );
             status = Some(s);

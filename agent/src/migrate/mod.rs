@@ -134,9 +134,27 @@ pub struct Migration {
     pub cmd: UnboundedSender<Cmd>,
     /// What it reports.
     pub status: Arc<Mutex<Status>>,
+    /// A switchover was requested: from then on marks for the disk cannot reach the destination
+    /// through this source and are refused (unless the migration ends with the source owner).
+    pub switchover_requested: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Migration {
+    /// Whether this source has passed the point where a mark could still reach the
+    /// destination: a switchover was requested and the migration did not end with the source
+    /// keeping the disk.
+    pub fn source_handed_off(&self) -> bool {
+        if self.role != Role::Source
+            || !self
+                .switchover_requested
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return false;
+        }
+        let s = self.status.lock().expect("status lock");
+        !(s.finished && s.state == Some(wire::State::Recording))
+    }
+
     /// Whether the task is still running.
     pub fn active(&self) -> bool {
         !self.status.lock().expect("status lock").finished

@@ -69,6 +69,7 @@ pub fn start(
             role: Role::Source,
             cmd: tx,
             status: status.clone(),
+            switchover_requested: Default::default(),
         },
     );
     drop(st);
