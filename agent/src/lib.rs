@@ -1,6 +1,6 @@
-//! The bitferry agent library: persistent store, control API, agent daemon, CLI, and (as they
-//! land) trackers, transport, migration sessions, rebuild jobs and QEMU interop. The `bitferry`
-//! binary is a thin wrapper over [`cli::main`].
+//! The bitferry agent library: persistent store, control API, agent daemon, QUIC transport,
+//! migration drivers, rebuild jobs, qcow2/QMP interop and the CLI. The `bitferry` binary is a
+//! thin wrapper over [`cli::main`].
 
 pub mod cert;
 pub mod cli;
