@@ -353,6 +353,10 @@ pub fn run(_ctx: &Ctx, a: DemoArgs) -> Result<()> {
         vm.writes.load(Ordering::Relaxed)
     );
     vm.set_owner(None); // the hypervisor pauses the VM for switchover
+    // Every write made before the pause; host-b's bitmap must cover them (it may hold more: the
+    // VM resumes on host-b before we look).
+    let at_pause = vm.truth.lock().expect("vm lock").clone();
+    let writes_at_pause = vm.writes.load(Ordering::Relaxed);
     host_a.call(Request::MigrateSwitchover {
         disk: disk.clone(),
         postcopy: false,
@@ -384,13 +388,9 @@ pub fn run(_ctx: &Ctx, a: DemoArgs) -> Result<()> {
         &b["root"].as_str().unwrap_or("?")[..16],
         b["root"] == done["root"]
     );
-    ensure!(
-        covers(&b, &vm.truth.lock().expect("vm lock"))?,
-        "host-b's bitmap misses a write"
-    );
+    ensure!(covers(&b, &at_pause)?, "host-b's bitmap misses a write");
     println!(
-        "  safety check: host-b's bitmap covers all {} writes since the backup ✓",
-        vm.writes.load(Ordering::Relaxed)
+        "  safety check: host-b's bitmap covers all {writes_at_pause} writes made before the switchover ✓"
     );
 
     say("4. Post-copy back to host-a: the VM resumes there at once; then host-b dies mid-stream.");
