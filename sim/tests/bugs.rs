@@ -76,20 +76,20 @@ fn rebuild_missing_early_writes_is_caught() {
     caught(Bug::RebuildMarksLate, &[Scenario::Rebuild]);
 }
 
-/// Known protocol gap (docs/simulation.md): a corrupted Offer can change the checkpoint id or
-/// the disk size without any hash noticing. When the protocol binds the Offer's metadata into
-/// a verified hash, this test fails: move `offer-corruption` into the default set then.
+/// Formerly a known gap (docs/simulation.md): a corrupted Offer changed the checkpoint id or the
+/// disk size without any hash noticing. `Accept` now echoes the Offer's hash and the source
+/// aborts on a mismatch, so the scenario is in the default set and must find nothing.
 #[test]
-fn offer_corruption_gap_is_still_found() {
-    let hit = (0..200).find(|&seed| {
-        !run_seed(seed, Scenario::OfferCorruption, &[], false)
-            .violations
-            .is_empty()
-    });
-    assert!(
-        hit.is_some(),
-        "offer corruption no longer finds anything: the gap looks fixed"
-    );
+fn offer_corruption_finds_no_violation() {
+    for seed in 0..200 {
+        let r = run_seed(seed, Scenario::OfferCorruption, &[], false);
+        assert!(
+            r.violations.is_empty(),
+            "seed {seed}: {:?} (replay: cargo run -p sim --release -- --seeds {seed}..{} --scenario offer-corruption)",
+            r.violations,
+            seed + 1
+        );
+    }
 }
 
 /// A chunk dropped by the destination's driver is the protocol's to catch (chunk hashes and

@@ -348,6 +348,7 @@ impl DestSession {
     }
 
     fn on_offer(&mut self, o: Offer) {
+        let offer = super::msg::offer_hash(&o);
         // docs/protocol.md §6: authorization first, then the epoch rule, then the layout.
         let Some(exp) = self
             .policy
@@ -410,7 +411,7 @@ impl DestSession {
         });
         self.epoch_next = o.epoch + 1;
         self.src = Some(Bitmap::new(geom));
-        self.send(Message::Accept);
+        self.send(Message::Accept { offer });
         self.phase = Phase::Receiving;
     }
 

@@ -88,6 +88,9 @@ pub enum PeerError {
         /// Human-readable detail.
         detail: String,
     },
+    /// The destination's Accept names an Offer other than the one sent (corrupted metadata).
+    #[error("the destination accepted an offer that differs from the one sent")]
+    OfferMismatch,
     /// A chunk did not decode, or its bytes do not match its hash.
     #[error("bad chunk {index}: {why}")]
     BadChunk {

@@ -206,7 +206,7 @@ mod tests {
             .unwrap(),
         );
         stream.extend([1, 2, 3]);
-        stream.extend(encode(&Message::Accept).unwrap());
+        stream.extend(encode(&Message::Accept { offer: [1; 32] }).unwrap());
         let mut d = FrameDecoder::new();
         let mut got = Vec::new();
         for b in &stream {
@@ -218,7 +218,10 @@ mod tests {
         assert_eq!(got.len(), 4);
         assert_eq!(got[0], Incoming::Message(hello()));
         assert_eq!(got[2], Incoming::Payload(vec![1, 2, 3]));
-        assert_eq!(got[3], Incoming::Message(Message::Accept));
+        assert_eq!(
+            got[3],
+            Incoming::Message(Message::Accept { offer: [1; 32] })
+        );
         d.finish().unwrap();
     }
 
@@ -231,7 +234,7 @@ mod tests {
             Err(FrameError::Oversized { len, .. }) if len == MAX_FRAME as u64 + 1
         ));
         // Stays failed.
-        d.push(&encode(&Message::Accept).unwrap());
+        d.push(&encode(&Message::Accept { offer: [1; 32] }).unwrap());
         assert!(d.next_item().is_err());
     }
 
@@ -245,7 +248,7 @@ mod tests {
                 tag: u64::from(MESSAGE_KINDS)
             })
         );
-        let mut body = postcard::to_stdvec(&Message::Accept).unwrap();
+        let mut body = postcard::to_stdvec(&Message::Accept { offer: [1; 32] }).unwrap();
         body.push(0);
         assert_eq!(decode_body(&body), Err(FrameError::Trailing(1)));
         assert_eq!(decode_body(&[]), Err(FrameError::Empty));

@@ -349,8 +349,13 @@ pub enum Message {
     Refuse(Refuse),
     /// S→D: the disk and its layout.
     Offer(Offer),
-    /// D→S: the offer is accepted; bulk may start.
-    Accept,
+    /// D→S: the offer is accepted; bulk may start. Carries the BLAKE3 of the Offer as the
+    /// destination decoded it, so metadata the chunk hashes do not cover (disk, size, checkpoint,
+    /// epoch) is verified too (docs/protocol.md §7).
+    Accept {
+        /// [`offer_hash`] of the Offer the destination accepted.
+        offer: [u8; 32],
+    },
     /// S→D: a chunk header; raw payload follows.
     Chunk(ChunkHeader),
     /// S→D: a delta header; raw payload follows.
@@ -395,7 +400,7 @@ impl Message {
             Message::Welcome(_) => "Welcome",
             Message::Refuse(_) => "Refuse",
             Message::Offer(_) => "Offer",
-            Message::Accept => "Accept",
+            Message::Accept { .. } => "Accept",
             Message::Chunk(_) => "Chunk",
             Message::Delta(_) => "Delta",
             Message::RoundEnd { .. } => "RoundEnd",
@@ -415,6 +420,11 @@ impl Message {
             _ => 0,
         }
     }
+}
+
+/// BLAKE3 of an Offer's postcard encoding: what `Accept` echoes.
+pub fn offer_hash(o: &Offer) -> [u8; 32] {
+    *blake3::hash(&postcard::to_stdvec(o).expect("offers serialize")).as_bytes()
 }
 
 #[cfg(test)]
@@ -455,7 +465,7 @@ mod tests {
                 root,
                 mode: Mode::Postcopy,
             }),
-            Message::Accept,
+            Message::Accept { offer: [7; 32] },
             Message::Chunk(ChunkHeader {
                 round: 0,
                 index: 5,

@@ -87,6 +87,8 @@ struct Switched {
 /// [`SourceSession::start_round`] and sends only the blocks newly set since the previous round.
 #[derive(Debug)]
 pub struct SourceSession {
+    /// BLAKE3 of the Offer we sent; the destination must echo it in Accept.
+    offer_hash: [u8; 32],
     host: BoundedString<MAX_HOST>,
     disk: DiskId,
     checkpoint: Option<WireCheckpoint>,
@@ -136,6 +138,7 @@ impl SourceSession {
             host: host.clone(),
         })));
         Ok(SourceSession {
+            offer_hash: [0; 32],
             host,
             disk: cfg.disk,
             checkpoint,
@@ -303,7 +306,7 @@ impl SourceSession {
                 }
                 let geom = self.pending.geometry();
                 let root = self.pending.root();
-                self.queue.push_back(Action::Send(Message::Offer(Offer {
+                let offer = Offer {
                     disk: self.disk.clone(),
                     size: geom.size(),
                     granularity: geom.granularity(),
@@ -313,7 +316,9 @@ impl SourceSession {
                     chunks: geom.chunks() as u32,
                     root,
                     mode: self.mode,
-                })));
+                };
+                self.offer_hash = super::msg::offer_hash(&offer);
+                self.queue.push_back(Action::Send(Message::Offer(offer)));
                 self.phase = Phase::Offered;
             }
             (Phase::Hello | Phase::Offered, Message::Refuse(r)) => {
@@ -325,7 +330,11 @@ impl SourceSession {
                     None,
                 );
             }
-            (Phase::Offered, Message::Accept) => {
+            (Phase::Offered, Message::Accept { offer }) if offer != self.offer_hash => {
+                // The destination accepted metadata we did not send (docs/protocol.md §7).
+                self.fail(PeerError::OfferMismatch, AbortReason::Protocol, None);
+            }
+            (Phase::Offered, Message::Accept { .. }) => {
                 // docs/protocol.md §5.2: round 0 is the bulk, streamed lazily.
                 self.phase = Phase::Rounds;
                 self.streaming = Some(0);

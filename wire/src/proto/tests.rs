@@ -812,7 +812,7 @@ fn an_oversized_frame_aborts_before_allocation() {
 #[test]
 fn a_message_out_of_place_is_a_protocol_error() {
     let mut d = DestSession::new(policy(None));
-    d.handle(Message::Accept).unwrap();
+    d.handle(Message::Accept { offer: [0; 32] }).unwrap();
     assert!(matches!(
         d.poll_action(),
         Some(Action::Send(Message::Abort(Abort {
@@ -828,7 +828,10 @@ fn a_message_out_of_place_is_a_protocol_error() {
             ..
         }))
     ));
-    assert_eq!(d.handle(Message::Accept), Err(UsageError::Finished));
+    assert_eq!(
+        d.handle(Message::Accept { offer: [0; 32] }),
+        Err(UsageError::Finished)
+    );
 }
 
 #[test]
