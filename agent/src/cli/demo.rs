@@ -230,20 +230,6 @@ fn start_agent(exe: &Path, root: &Path, name: &'static str) -> Result<AgentChild
     Ok(a)
 }
 
-/// QEMU's stop-and-copy payload for a bitmap: 1 KiB chunks, ~21 B header each, ~13 B for an
-/// all-zero chunk (docs/performance.md).
-fn qemu_payload(raw: &[u8]) -> u64 {
-    raw.chunks(1024)
-        .map(|c| {
-            if c.iter().all(|b| *b == 0) {
-                13
-            } else {
-                21 + c.len() as u64
-            }
-        })
-        .sum()
-}
-
 /// Whether the reported extents cover every block of `truth`.
 fn covers(show: &Value, truth: &Bitmap) -> Result<bool> {
     let mut got = Bitmap::new(truth.geometry());
@@ -371,7 +357,7 @@ pub fn run(_ctx: &Ctx, a: DemoArgs) -> Result<()> {
         raw: raw.clone(),
         allow_untrusted: false,
     })?;
-    let qemu = qemu_payload(&std::fs::read(&raw)?);
+    let qemu = crate::migrate::bench::qemu_stop_copy_bytes(&std::fs::read(&raw)?);
     let during = done["bytes_during_switchover"].as_u64().unwrap_or(0);
     println!(
         "  done in {:.2} s: {} sent in total; while the VM was paused: {} (QEMU's stop-and-copy would send {} for this bitmap, {:.0}x more)",
