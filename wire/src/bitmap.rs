@@ -46,6 +46,20 @@ impl Bitmap {
         }
     }
 
+    /// An empty bitmap whose memory the system zeroes page by page on first write instead of
+    /// up front: for a copy that is about to be overwritten chunk by chunk through
+    /// [`Bitmap::install_chunk_raw`] (the migration destination's copy of the source bitmap).
+    /// Creating a 128 MiB bitmap with [`Bitmap::new`] takes ~70 ms of page faults before the
+    /// first chunk can land; here they are spread over the transfer. Reading a page before
+    /// writing it makes the write a copy-on-write fault, so other uses want [`Bitmap::new`].
+    pub fn new_lazily_zeroed(geom: Geometry) -> Self {
+        Bitmap {
+            words: vec![0; geom.blocks().div_ceil(64) as usize],
+            tree: HashTree::new(geom.chunks()),
+            geom,
+        }
+    }
+
     /// The disk geometry this bitmap covers.
     pub fn geometry(&self) -> Geometry {
         self.geom
@@ -208,11 +222,8 @@ impl Bitmap {
 
     /// The canonical raw bytes (QEMU's layout).
     pub fn to_raw(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.geom.raw_len());
-        for w in &self.words {
-            out.extend_from_slice(&w.to_le_bytes());
-        }
-        out.truncate(self.geom.raw_len());
+        let mut out = Vec::new();
+        write_le(&self.words, self.geom.raw_len(), &mut out);
         out
     }
 
@@ -225,11 +236,7 @@ impl Bitmap {
             });
         }
         let mut b = Bitmap::new(geom);
-        for (w, bytes) in b.words.iter_mut().zip(raw.chunks(8)) {
-            let mut le = [0u8; 8];
-            le[..bytes.len()].copy_from_slice(bytes);
-            *w = u64::from_le_bytes(le);
-        }
+        load_le(&mut b.words, raw, false);
         b.check_tail()?;
         Ok(b)
     }
@@ -254,11 +261,7 @@ impl Bitmap {
 
     /// Replace `buf` with chunk `i`'s raw bytes.
     pub fn chunk_raw(&self, i: usize, buf: &mut Vec<u8>) {
-        buf.clear();
-        for w in self.chunk_words(i) {
-            buf.extend_from_slice(&w.to_le_bytes());
-        }
-        buf.truncate(self.geom.chunk_range(i).len());
+        write_le(self.chunk_words(i), self.geom.chunk_range(i).len(), buf);
     }
 
     /// Whether chunk `i` has no dirty block.
@@ -269,6 +272,41 @@ impl Bitmap {
     /// Overwrite (`or == false`) or OR-merge (`or == true`) chunk `i` from raw bytes, which must be
     /// exactly the chunk's length and keep tail bits zero. On error nothing is changed.
     pub fn apply_chunk_raw(&mut self, i: usize, raw: &[u8], or: bool) -> Result<(), DecodeError> {
+        let words = self.chunk_words_for(i, raw)?;
+        // In place, word by word: this is the migration bulk's hot path (bench migrate).
+        if load_le(&mut self.words[words], raw, or) {
+            self.tree.invalidate(i);
+        }
+        Ok(())
+    }
+
+    /// Overwrite chunk `i` with `raw` and install `cv`, the chunk's chaining value
+    /// ([`crate::tree::chunk_cv`] of `raw` at `i`) that the caller has just computed or
+    /// verified, so the next [`Bitmap::root`] does not hash the chunk again (the migration's
+    /// bulk path hashes every chunk once per side instead of twice). The words are written
+    /// without being read first, so a lazily zeroed page ([`Bitmap::new_lazily_zeroed`]) takes
+    /// one fault, not a copy-on-write one. The same checks as [`Bitmap::apply_chunk_raw`]; on
+    /// error nothing is changed.
+    pub fn install_chunk_raw(
+        &mut self,
+        i: usize,
+        raw: &[u8],
+        cv: crate::tree::Cv,
+    ) -> Result<(), DecodeError> {
+        let words = self.chunk_words_for(i, raw)?;
+        store_le(&mut self.words[words], raw);
+        self.tree.set_leaf(i, cv);
+        Ok(())
+    }
+
+    /// The word range of chunk `i` if `raw` may replace or join it: exactly the chunk's length
+    /// and no bit past the last block. OR-ing keeps the existing tail bits, which are zero, so
+    /// the new bytes' last word decides alone.
+    fn chunk_words_for(
+        &self,
+        i: usize,
+        raw: &[u8],
+    ) -> Result<std::ops::RangeInclusive<usize>, DecodeError> {
         let range = self.geom.chunk_range(i);
         if raw.len() != range.len() || i >= self.chunks() {
             return Err(DecodeError::RawLength {
@@ -277,46 +315,13 @@ impl Bitmap {
             });
         }
         let start = i * WORDS_PER_CHUNK;
-        let word = |bytes: &[u8]| {
-            let mut le = [0u8; 8];
-            le[..bytes.len()].copy_from_slice(bytes);
-            u64::from_le_bytes(le)
-        };
         let n = raw.len().div_ceil(8);
         let last = start + n - 1;
         let used = self.geom.blocks() % 64;
-        // Checked before anything is written. OR-ing keeps the existing tail bits, which are
-        // zero, so the new bytes' last word decides alone.
-        if last == self.words.len() - 1 && used != 0 && word(&raw[(n - 1) * 8..]) >> used != 0 {
+        if last == self.words.len() - 1 && used != 0 && le_word(&raw[(n - 1) * 8..]) >> used != 0 {
             return Err(DecodeError::TailBits);
         }
-        // In place, word by word: this is the migration bulk's hot path (bench migrate).
-        let mut changed = false;
-        for (dst, bytes) in self.words[start..=last].iter_mut().zip(raw.chunks(8)) {
-            let w = word(bytes);
-            let w = if or { w | *dst } else { w };
-            changed |= *dst != w;
-            *dst = w;
-        }
-        if changed {
-            self.tree.invalidate(i);
-        }
-        Ok(())
-    }
-
-    /// Overwrite chunk `i` like [`Bitmap::apply_chunk_raw`] and install `cv`, the chunk's
-    /// chaining value ([`crate::tree::chunk_cv`] of `raw` at `i`) that the caller has just
-    /// computed or verified, so the next [`Bitmap::root`] does not hash the chunk again. The
-    /// migration's bulk path hashes every chunk once per side instead of twice.
-    pub fn apply_chunk_raw_with_cv(
-        &mut self,
-        i: usize,
-        raw: &[u8],
-        cv: crate::tree::Cv,
-    ) -> Result<(), DecodeError> {
-        self.apply_chunk_raw(i, raw, false)?;
-        self.tree.set_leaf(i, cv);
-        Ok(())
+        Ok(start..=last)
     }
 
     /// The root: BLAKE3 of [`Bitmap::to_raw`], rehashing only chunks changed since last time.
@@ -332,6 +337,17 @@ impl Bitmap {
         })
     }
 
+    /// Chunk `i`'s chaining value ([`crate::tree::chunk_cv`] of [`Bitmap::chunk_raw`]): the
+    /// cached one when the chunk has not changed since it was last hashed, else computed from
+    /// `raw`, which the caller has just filled with the chunk's bytes. Saves the migration
+    /// source a second hash of every bulk chunk after the Offer's root hashed them all.
+    pub fn chunk_cv_of(&self, i: usize, raw: &[u8]) -> Cv {
+        match self.tree.fresh_leaf(i) {
+            Some(cv) => *cv,
+            None => crate::tree::chunk_cv(i, raw),
+        }
+    }
+
     /// Per-chunk chaining values, current as of this call.
     pub fn chunk_hashes(&mut self) -> &[Cv] {
         self.root();
@@ -345,6 +361,63 @@ impl Bitmap {
             self.tree.set_leaf(i, *cv);
         }
     }
+}
+
+/// One little-endian word from up to 8 bytes, zero-padded.
+fn le_word(bytes: &[u8]) -> u64 {
+    let mut le = [0u8; 8];
+    le[..bytes.len()].copy_from_slice(bytes);
+    u64::from_le_bytes(le)
+}
+
+/// Overwrite (or OR into) `dst` with the little-endian words of `raw` (the last one
+/// zero-padded; `dst` holds exactly `raw.len().div_ceil(8)` words) and say whether any word
+/// changed. Whole words go through `chunks_exact`, so the loop compiles to vector loads instead
+/// of one variable-length copy per word (the bulk paths of `bench migrate` spent a tenth of
+/// their time in those copies).
+fn load_le(dst: &mut [u64], raw: &[u8], or: bool) -> bool {
+    let whole = raw.chunks_exact(8);
+    let rest = whole.remainder();
+    let mut changed = false;
+    let mut put = |d: &mut u64, w: u64| {
+        let w = if or { w | *d } else { w };
+        changed |= *d != w;
+        *d = w;
+    };
+    let (body, tail) = dst.split_at_mut(raw.len() / 8);
+    for (d, b) in body.iter_mut().zip(whole) {
+        put(
+            d,
+            u64::from_le_bytes(b.try_into().expect("chunks_exact(8)")),
+        );
+    }
+    if let Some(d) = tail.first_mut() {
+        put(d, le_word(rest));
+    }
+    changed
+}
+
+/// Overwrite `dst` with the little-endian words of `raw` (see [`load_le`]) without reading it.
+fn store_le(dst: &mut [u64], raw: &[u8]) {
+    let whole = raw.chunks_exact(8);
+    let rest = whole.remainder();
+    let (body, tail) = dst.split_at_mut(raw.len() / 8);
+    for (d, b) in body.iter_mut().zip(whole) {
+        *d = u64::from_le_bytes(b.try_into().expect("chunks_exact(8)"));
+    }
+    if let Some(d) = tail.first_mut() {
+        *d = le_word(rest);
+    }
+}
+
+/// Replace `out` with the first `len` bytes of `words` in little-endian order.
+fn write_le(words: &[u64], len: usize, out: &mut Vec<u8>) {
+    out.clear();
+    out.resize(words.len() * 8, 0);
+    for (dst, w) in out.chunks_exact_mut(8).zip(words) {
+        dst.copy_from_slice(&w.to_le_bytes());
+    }
+    out.truncate(len);
 }
 
 /// `n` zero words, written rather than `calloc`ed. A lazily zeroed mapping makes every first

@@ -170,6 +170,11 @@ impl HashTree {
             .map(|(i, _)| i)
     }
 
+    /// Chunk `i`'s hash if it is current (computed or installed since the chunk last changed).
+    pub fn fresh_leaf(&self, i: usize) -> Option<&Cv> {
+        (!self.leaf_stale[i]).then(|| &self.leaves[i])
+    }
+
     /// Cached hash of chunk `i` (valid only after [`HashTree::refresh`]).
     pub fn leaf(&self, i: usize) -> &Cv {
         &self.leaves[i]

@@ -2,6 +2,7 @@
 //! proptest prints the failing case and persists its seed under `proptest-regressions/`.
 
 use proptest::prelude::*;
+use wire::tree::chunk_cv;
 use wire::{Bitmap, Geometry, chunk};
 
 /// Geometries: tiny to large, sizes not a multiple of the granularity, and disks over 4 GiB.
@@ -102,15 +103,27 @@ proptest! {
         let back = Bitmap::from_raw(g, &raw).unwrap();
         prop_assert_eq!(&back, &b);
         let mut rebuilt = Bitmap::new(g);
+        // The migration destination's path: lazily zeroed, every chunk installed with the hash
+        // the source computed (or reused from its cache).
+        let mut installed = Bitmap::new_lazily_zeroed(g);
         let mut buf = Vec::new();
+        let root = b.root();
         for i in 0..b.chunks() {
             b.chunk_raw(i, &mut buf);
             let enc = chunk::encode_chunk(&buf);
+            prop_assert_eq!(&chunk::encode_chunk_owned(buf.clone()), &enc);
             let dec = chunk::decode_chunk(enc.kind, &enc.payload, buf.len()).unwrap();
             prop_assert_eq!(&dec, &buf);
             rebuilt.apply_chunk_raw(i, &dec, false).unwrap();
+            // After `root()` every cached chunk hash is current and equals a fresh one.
+            let cv = b.chunk_cv_of(i, &buf);
+            prop_assert_eq!(cv, chunk_cv(i, &buf));
+            installed.install_chunk_raw(i, &dec, cv).unwrap();
         }
         prop_assert_eq!(&rebuilt, &b);
+        prop_assert_eq!(&installed, &b);
+        prop_assert_eq!(installed.root(), root);
+        prop_assert_eq!(installed.root().0, *blake3::hash(&raw).as_bytes());
     }
 
     #[test]
@@ -145,6 +158,26 @@ fn raw_with_tail_bits_or_wrong_length_is_refused() {
     assert!(Bitmap::from_raw(g, &[0xff, 0x04]).is_err());
     assert!(Bitmap::from_raw(g, &[0xff]).is_err());
     assert!(Bitmap::from_raw(g, &[0xff, 0, 0]).is_err());
+}
+
+#[test]
+fn installing_a_chunk_checks_like_applying_it() {
+    let g = Geometry::new(10 * 512, 512).unwrap(); // 10 blocks: one chunk of 2 bytes
+    let mut b = Bitmap::new_lazily_zeroed(g);
+    let cv = chunk_cv(0, &[0xff, 0x04]);
+    // A bit past the last block, or the wrong length: refused, nothing changed.
+    assert!(b.install_chunk_raw(0, &[0xff, 0x04], cv).is_err());
+    assert!(b.install_chunk_raw(0, &[0xff], cv).is_err());
+    assert!(b.install_chunk_raw(1, &[0xff, 0x03], cv).is_err());
+    assert_eq!(b, Bitmap::new(g));
+    b.install_chunk_raw(0, &[0xff, 0x03], chunk_cv(0, &[0xff, 0x03]))
+        .unwrap();
+    assert_eq!(b.to_raw(), vec![0xff, 0x03]);
+    assert_eq!(b.root().0, *blake3::hash(&[0xff, 0x03]).as_bytes());
+    // A cached hash is used only while it is current: after a mark it is recomputed.
+    b.clear_chunk(0);
+    b.mark(0, 512).unwrap();
+    assert_eq!(b.chunk_cv_of(0, &[0x01, 0x00]), chunk_cv(0, &[0x01, 0x00]));
 }
 
 #[test]

@@ -46,11 +46,10 @@ pub fn spawn_reader(mut r: FrameReader) -> mpsc::Receiver<NetEvent> {
             }
             if msg > 0 {
                 // `decode_body` bounded the announced length by MAX_PAYLOAD.
-                let mut p = vec![0u8; msg];
-                let ev = match q.read_exact(&mut p).await {
-                    Ok(()) => NetEvent::Item(Incoming::Payload(p)),
-                    Err(e) => {
-                        let _ = tx.send(ended(e, 0)).await;
+                let ev = match read_payload(q, msg).await {
+                    Ok(p) => NetEvent::Item(Incoming::Payload(p)),
+                    Err(ev) => {
+                        let _ = tx.send(ev).await;
                         return;
                     }
                 };
@@ -89,6 +88,23 @@ async fn read_message(
         return Err(ended(e, frame::PREFIX));
     }
     frame::decode_body(body).map_err(NetEvent::Bad)
+}
+
+/// Exactly `len` bytes of payload, read into spare capacity (no zero-fill first: 64 KiB per
+/// bulk chunk).
+async fn read_payload(q: &mut RecvStream, len: usize) -> Result<Vec<u8>, NetEvent> {
+    use tokio::io::AsyncReadExt;
+    let mut p = Vec::with_capacity(len);
+    while p.len() < len {
+        // `take` keeps the read from running past this payload into the next frame.
+        let want = (len - p.len()) as u64;
+        match (&mut *q).take(want).read_buf(&mut p).await {
+            Ok(0) => return Err(NetEvent::Bad(FrameError::Truncated(p.len()))),
+            Ok(_) => {}
+            Err(e) => return Err(NetEvent::Lost(e.to_string())),
+        }
+    }
+    Ok(p)
 }
 
 /// The event for a read that stopped early: truncation (after `before` bytes of the item

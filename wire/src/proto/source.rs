@@ -9,7 +9,7 @@ use super::msg::{
     Message, Mode, Offer, SUPPORTED_VERSIONS, Switchover, WireCheckpoint, features,
 };
 use crate::bitmap::Bitmap;
-use crate::chunk::encode_chunk;
+use crate::chunk::encode_chunk_owned;
 use crate::disk::{Checkpoint, DiskId};
 use crate::tree::{Root, chunk_cv};
 use std::collections::VecDeque;
@@ -213,15 +213,22 @@ impl SourceSession {
         // destination's chunk (docs/protocol.md §5.2).
         let mut raw = Vec::with_capacity(crate::CHUNK_BYTES);
         self.pending.chunk_raw(i, &mut raw);
-        // In the bulk round the destination has nothing yet: skip the merge.
-        if !self.sent.chunk_is_clean(i) {
+        // In the bulk round the destination has nothing yet: skip the merge, and the chunk's
+        // hash is the one the Offer's root already computed unless a mark changed it since.
+        let cv = if self.sent.chunk_is_clean(i) {
+            self.pending.chunk_cv_of(i, &raw)
+        } else {
             self.sent.chunk_raw(i, &mut self.buf);
             for (a, b) in raw.iter_mut().zip(&self.buf) {
                 *a |= *b;
             }
-        }
-        let enc = encode_chunk(&raw);
-        let cv = chunk_cv(i, &raw);
+            chunk_cv(i, &raw)
+        };
+        // Cannot fail: `raw` has the chunk's exact length and comes from valid bitmaps. `cv`
+        // is its hash, so the round's root does not hash the chunk again.
+        let _ = self.sent.install_chunk_raw(i, &raw, cv);
+        self.pending.clear_chunk(i);
+        let enc = encode_chunk_owned(raw);
         let header = ChunkHeader {
             round: if postcopy {
                 self.postcopy_round
@@ -233,10 +240,6 @@ impl SourceSession {
             cv,
             payload_len: enc.payload.len() as u32,
         };
-        // Cannot fail: `raw` has the chunk's exact length and comes from valid bitmaps. `cv`
-        // is its hash, so the round's root does not hash the chunk again.
-        let _ = self.sent.apply_chunk_raw_with_cv(i, &raw, cv);
-        self.pending.clear_chunk(i);
         self.queue.push_back(Action::Send(Message::Chunk(header)));
         if !enc.payload.is_empty() {
             self.queue.push_back(Action::SendPayload(enc.payload));
