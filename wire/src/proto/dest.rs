@@ -73,6 +73,8 @@ struct Offered {
     disk: DiskId,
     geom: Geometry,
     checkpoint: Option<Checkpoint>,
+    /// Whether the Offer allowed a post-copy switchover.
+    mode: Mode,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -414,6 +416,7 @@ impl DestSession {
             disk: o.disk,
             geom,
             checkpoint: o.checkpoint.map(|c| c.to_checkpoint()),
+            mode: o.mode,
         });
         self.epoch_next = o.epoch + 1;
         self.src = None;
@@ -652,6 +655,10 @@ impl DestSession {
     fn on_switchover(&mut self, s: Switchover) {
         self.counting = true;
         let epoch_next = self.epoch_next;
+        let offered_postcopy = self
+            .offer
+            .as_ref()
+            .is_some_and(|o| o.mode == Mode::Postcopy);
         if s.postcopy {
             self.postcopy = true;
             // docs/protocol.md §5.5: the VM resumes here now, so this host owns the disk from
@@ -680,6 +687,16 @@ impl DestSession {
                     PeerError::Unexpected {
                         got: "post-copy Switchover",
                         phase: "post-copy was not negotiated",
+                    },
+                    AbortReason::Protocol,
+                );
+            } else if !offered_postcopy {
+                // The Offer (confirmed by its hash in Accept) said pre-copy. Owned anyway, as
+                // above: the VM may be running here now, and incomplete is the truth.
+                self.fail(
+                    PeerError::Unexpected {
+                        got: "post-copy Switchover",
+                        phase: "the Offer was pre-copy",
                     },
                     AbortReason::Protocol,
                 );

@@ -1429,3 +1429,55 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn postcopy_switchover_after_a_precopy_offer_is_refused_but_owned_incomplete() {
+    let g = geom();
+    let mut initial = Bitmap::new(g);
+    initial.set_blocks(10, 5000);
+    let mut p = Pump::new(
+        source(initial.clone(), 1, Mode::Precopy),
+        DestSession::new(policy(None)),
+    );
+    p.run();
+    assert!(p.src.rounds_acked());
+    // A source that ignores its own Offer (the real one refuses: PostcopyUnavailable).
+    p.dst
+        .handle(Message::Switchover(Switchover {
+            epoch_next: 2,
+            final_root: initial.root(),
+            postcopy: true,
+        }))
+        .unwrap();
+    let mut actions = Vec::new();
+    while let Some(a) = p.dst.poll_action() {
+        actions.push(a);
+    }
+    // Owned as incomplete first (the VM may run here now), then the abort says so.
+    assert!(
+        actions.iter().any(|a| matches!(
+            a,
+            Action::Commit { meta, .. } if meta.state == State::Incomplete && meta.epoch == 2
+        )),
+        "{actions:?}"
+    );
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::Send(Message::Abort(Abort {
+            reason: AbortReason::Protocol,
+            dest_owns: true,
+            ..
+        }))
+    )));
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::Failed(Failure {
+            error: PeerError::Unexpected {
+                phase: "the Offer was pre-copy",
+                ..
+            },
+            ..
+        })
+    )));
+    assert_ne!(p.dst.state(), State::Consistent);
+}
