@@ -324,6 +324,7 @@ fn aborted(a: &Answer, reason: AbortReason) -> String {
 fn rogue_source_version_bad_chunk_and_oversized_frame_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let ca = cluster_ca(&dir.path().join("ca"));
+    // The test agents' frame-stall limit is 2 s (common.rs), so case 4 answers quickly.
     let dst = AgentProc::start(&dir.path().join("b"), "host-b", &ca, "");
     let rogue_dir = dir.path().join("rogue");
     std::fs::create_dir_all(&rogue_dir).unwrap();
@@ -402,4 +403,21 @@ fn rogue_source_version_bad_chunk_and_oversized_frame_are_refused() {
     assert!(detail.contains("1073741824"), "{detail}");
     unchanged("oversized frame");
     wait_log(&dst, "1073741824");
+
+    // 4. A correct Hello and Offer, then two bytes of a length prefix and silence: without a
+    //    stall limit both ends would wait forever behind keep-alives.
+    let mut bytes = hello(vec![PROTOCOL_V1]);
+    bytes.extend(offer(g));
+    bytes.extend([0x10, 0x00]);
+    let t = std::time::Instant::now();
+    let a = rogue.exchange(&addr, bytes);
+    let detail = aborted(&a, AbortReason::Protocol);
+    assert!(detail.contains("no data for 2000 ms"), "{detail}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        t.elapsed()
+    );
+    unchanged("stalled frame");
+    wait_log(&dst, "no data for 2000 ms inside a frame");
 }

@@ -92,6 +92,10 @@ pub struct TransportConfig {
     pub keep_alive_ms: u64,
     /// Turn off UDP generic segmentation offload (some virtual NICs mishandle it).
     pub disable_gso: bool,
+    /// Longest silence in milliseconds inside a migration frame (from its first byte to the
+    /// end of its payload) before the session fails as stalled. Between frames there is no
+    /// limit.
+    pub frame_stall_ms: u64,
 }
 
 impl Default for TransportConfig {
@@ -100,6 +104,7 @@ impl Default for TransportConfig {
             idle_timeout_ms: 30_000,
             keep_alive_ms: 5_000,
             disable_gso: false,
+            frame_stall_ms: 30_000,
         }
     }
 }

@@ -59,6 +59,7 @@ async fn serve(config: Config) -> Result<()> {
         limits: crate::transport::stream::Limits {
             max_frame: wire::proto::MAX_FRAME,
             max_payload: wire::proto::MAX_PAYLOAD,
+            frame_stall: Duration::from_millis(config.transport.frame_stall_ms),
         },
         ..Default::default()
     };

@@ -396,6 +396,7 @@ pub fn run(p: &Params) -> Result<serde_json::Value, BenchError> {
         limits: crate::transport::stream::Limits {
             max_frame: wire::proto::MAX_FRAME,
             max_payload: wire::proto::MAX_PAYLOAD,
+            ..Default::default()
         },
         ..TransportOptions::default()
     };

@@ -12,6 +12,7 @@
 use crate::transport::{FrameReader, FrameWriter, TransportError};
 use bytes::Bytes;
 use quinn::{ReadExactError, RecvStream};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use wire::proto::{Action, FrameError, Incoming, MAX_FRAME, frame};
 
@@ -27,14 +28,17 @@ pub enum NetEvent {
 }
 
 /// Read `r` until it ends, forwarding decoded items. Memory is bounded by the channel's
-/// capacity times the largest item.
+/// capacity times the largest item. Inside a frame (from its first byte to the end of its
+/// payload) every read must make progress within the reader's `frame_stall` limit, or the
+/// stream is reported as [`FrameError::Stalled`].
 pub fn spawn_reader(mut r: FrameReader) -> mpsc::Receiver<NetEvent> {
     let (tx, rx) = mpsc::channel(64);
+    let stall = r.limits().frame_stall;
     tokio::spawn(async move {
         let q = r.quinn();
         let mut body = Vec::new();
         loop {
-            let (msg, ev) = match read_message(q, &mut body).await {
+            let (msg, ev) = match read_message(q, &mut body, stall).await {
                 Ok(m) => (m.payload_len(), NetEvent::Item(Incoming::Message(m))),
                 Err(ev) => {
                     let _ = tx.send(ev).await;
@@ -46,7 +50,8 @@ pub fn spawn_reader(mut r: FrameReader) -> mpsc::Receiver<NetEvent> {
             }
             if msg > 0 {
                 // `decode_body` bounded the announced length by MAX_PAYLOAD.
-                let ev = match read_payload(q, msg).await {
+                let frame_len = frame::PREFIX + body.len();
+                let ev = match read_payload(q, msg, stall, frame_len).await {
                     Ok(p) => NetEvent::Item(Incoming::Payload(p)),
                     Err(ev) => {
                         let _ = tx.send(ev).await;
@@ -66,15 +71,18 @@ pub fn spawn_reader(mut r: FrameReader) -> mpsc::Receiver<NetEvent> {
 async fn read_message(
     q: &mut RecvStream,
     body: &mut Vec<u8>,
+    stall: Duration,
 ) -> Result<wire::proto::Message, NetEvent> {
     let mut prefix = [0u8; frame::PREFIX];
-    match q.read_exact(&mut prefix).await {
+    // Waiting for a frame to begin has no limit: a stream is quiet between rounds.
+    match q.read_exact(&mut prefix[..1]).await {
         Ok(()) => {}
         Err(ReadExactError::FinishedEarly(0)) => {
             return Err(NetEvent::Lost("the peer finished its stream".into()));
         }
         Err(e) => return Err(ended(e, 0)),
     }
+    read_within(q, &mut prefix[1..], stall, 1).await?;
     let len = u32::from_le_bytes(prefix) as usize;
     if len > MAX_FRAME {
         return Err(NetEvent::Bad(FrameError::Oversized {
@@ -84,31 +92,62 @@ async fn read_message(
     }
     body.clear();
     body.resize(len, 0);
-    if let Err(e) = q.read_exact(body).await {
-        return Err(ended(e, frame::PREFIX));
-    }
+    read_within(q, body, stall, frame::PREFIX).await?;
     frame::decode_body(body).map_err(NetEvent::Bad)
 }
 
+/// Fill `buf`, each read making progress within `stall` (`before`: bytes of this frame
+/// already received, for the error).
+async fn read_within(
+    q: &mut RecvStream,
+    buf: &mut [u8],
+    stall: Duration,
+    before: usize,
+) -> Result<(), NetEvent> {
+    let mut got = 0;
+    while got < buf.len() {
+        match tokio::time::timeout(stall, q.read(&mut buf[got..])).await {
+            Err(_) => return Err(stalled(before + got, stall)),
+            Ok(Ok(Some(n))) => got += n,
+            Ok(Ok(None)) => return Err(NetEvent::Bad(FrameError::Truncated(before + got))),
+            Ok(Err(e)) => return Err(NetEvent::Lost(e.to_string())),
+        }
+    }
+    Ok(())
+}
+
 /// Exactly `len` bytes of payload, read into spare capacity (no zero-fill first: 64 KiB per
-/// bulk chunk).
-async fn read_payload(q: &mut RecvStream, len: usize) -> Result<Vec<u8>, NetEvent> {
+/// bulk chunk), each read making progress within `stall`.
+async fn read_payload(
+    q: &mut RecvStream,
+    len: usize,
+    stall: Duration,
+    before: usize,
+) -> Result<Vec<u8>, NetEvent> {
     use tokio::io::AsyncReadExt;
     let mut p = Vec::with_capacity(len);
     while p.len() < len {
         // `take` keeps the read from running past this payload into the next frame.
         let want = (len - p.len()) as u64;
-        match (&mut *q).take(want).read_buf(&mut p).await {
-            Ok(0) => return Err(NetEvent::Bad(FrameError::Truncated(p.len()))),
-            Ok(_) => {}
-            Err(e) => return Err(NetEvent::Lost(e.to_string())),
+        match tokio::time::timeout(stall, (&mut *q).take(want).read_buf(&mut p)).await {
+            Err(_) => return Err(stalled(before + p.len(), stall)),
+            Ok(Ok(0)) => return Err(NetEvent::Bad(FrameError::Truncated(before + p.len()))),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(NetEvent::Lost(e.to_string())),
         }
     }
     Ok(p)
 }
 
-/// The event for a read that stopped early: truncation (after `before` bytes of the item
-/// already read) or a lost stream.
+fn stalled(buffered: usize, stall: Duration) -> NetEvent {
+    NetEvent::Bad(FrameError::Stalled {
+        buffered,
+        ms: stall.as_millis() as u64,
+    })
+}
+
+/// The event for a read that stopped early (after `before` bytes of the item already read)
+/// or a lost stream.
 fn ended(e: ReadExactError, before: usize) -> NetEvent {
     match e {
         ReadExactError::FinishedEarly(got) => NetEvent::Bad(FrameError::Truncated(before + got)),

@@ -214,8 +214,12 @@ impl Task {
                         }
                     }
                     a @ (Action::Send(_) | Action::SendPayload(_)) => {
-                        if let Action::SendPayload(p) = &a {
-                            self.pacer.pace(p.len()).await;
+                        // Paced as a whole before its header leaves, so a frame's payload
+                        // follows it at once (the destination's frame-stall limit,
+                        // docs/protocol.md §3).
+                        if let Action::Send(m) = &a {
+                            let n = wire::proto::frame::frame_len(m) + m.payload_len();
+                            self.pacer.pace(n).await;
                         }
                         if let Err(e) = send(&mut w, a).await {
                             self.lost(&mut session, &e)?;

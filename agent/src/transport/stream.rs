@@ -31,6 +31,11 @@ pub struct Limits {
     pub max_frame: usize,
     /// Largest single payload read.
     pub max_payload: usize,
+    /// Longest wait for the next byte once a frame has begun (its first prefix byte read) and
+    /// until its payload is complete. Between frames a stream may be quiet for as long as the
+    /// connection lives; inside one, silence means a lost or corrupted length prefix (found by
+    /// the simulator: both ends waited forever behind healthy keep-alives).
+    pub frame_stall: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -38,6 +43,7 @@ impl Default for Limits {
         Limits {
             max_frame: 16 << 20,
             max_payload: 16 << 20,
+            frame_stall: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -46,7 +52,7 @@ impl Limits {
     fn clamped(self) -> Self {
         Limits {
             max_frame: self.max_frame.min(u32::MAX as usize),
-            max_payload: self.max_payload,
+            ..self
         }
     }
 }
@@ -137,6 +143,11 @@ impl FrameReader {
             payload: BytesMut::new(),
             limits: limits.clamped(),
         }
+    }
+
+    /// The limits this reader enforces.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// The next frame's body, or `None` when the peer finished the stream cleanly at a frame

@@ -243,6 +243,7 @@ async fn frame_and_payload_limits_are_configurable() {
         limits: Limits {
             max_frame: 1024,
             max_payload: 2048,
+            ..Limits::default()
         },
         ..TransportOptions::default()
     };

@@ -220,6 +220,7 @@ fn options() -> TransportOptions {
         limits: Limits {
             max_frame: wire::proto::MAX_FRAME,
             max_payload: wire::proto::MAX_PAYLOAD,
+            ..Limits::default()
         },
         max_bidi_streams: 4,
     }

@@ -44,6 +44,15 @@ pub enum FrameError {
     /// The stream ended in the middle of a frame or payload.
     #[error("stream ended inside a frame ({0} bytes buffered)")]
     Truncated(usize),
+    /// No byte arrived for too long in the middle of a frame or payload (docs/protocol.md §3):
+    /// a lost or corrupted length prefix would otherwise leave both ends waiting forever.
+    #[error("no data for {ms} ms inside a frame ({buffered} bytes of it received)")]
+    Stalled {
+        /// Bytes of the frame (prefix, body and payload) received before the silence.
+        buffered: usize,
+        /// How long the silence lasted.
+        ms: u64,
+    },
 }
 
 /// The peer misbehaved, refused, aborted, or vanished. The session has failed; see the
