@@ -113,7 +113,7 @@ impl AgentProc {
                     "listen = \"127.0.0.1:0\"\nstore = \"store\"\ncontrol = \"control.sock\"\nflush_interval_ms = 100\n\
                      {extra_toml}\n\
                      [tls]\nca = \"{}\"\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\n\
-                     [transport]\nidle_timeout_ms = 3000\nkeep_alive_ms = 500\nframe_stall_ms = 2000\n",
+                     [transport]\nidle_timeout_ms = 3000\nkeep_alive_ms = 500\nframe_stall_ms = 2000\nswitchover_silence_ms = 4000\n",
                     ca.join("ca.pem").display()
                 ),
             )

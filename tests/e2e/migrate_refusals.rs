@@ -1,8 +1,10 @@
 //! Migrations the destination agent must refuse: a client certificate from another CA, a disk
 //! it was not told to expect (or not from this peer), a stale epoch, and a rogue source speaking
 //! an unknown protocol version, sending a chunk that does not match its hash, or announcing a
-//! 1 GiB frame. Each must fail with an error the operator can see, leave both stores exactly as
-//! they were, and leave the agents running.
+//! 1 GiB frame, or stalling inside a frame. Each must fail with an error the operator can see,
+//! leave both stores exactly as they were, and leave the agents running. And a source that goes
+//! silent after a post-copy switchover: the destination gives up on it and keeps the disk
+//! `incomplete`.
 
 use crate::common::{AgentProc, bitferry, cluster_ca};
 use agent::transport::{Endpoint, TlsIdentity, TransportOptions};
@@ -320,17 +322,23 @@ fn aborted(a: &Answer, reason: AbortReason) -> String {
     ab.detail.as_str().to_string()
 }
 
+/// A destination agent expecting DISK from "rogue", and the rogue source (same cluster CA).
+fn rogue_and_destination(dir: &Path) -> (AgentProc, Rogue) {
+    let ca = cluster_ca(&dir.join("ca"));
+    let dst = AgentProc::start(&dir.join("b"), "host-b", &ca, "");
+    let rogue_dir = dir.join("rogue");
+    std::fs::create_dir_all(&rogue_dir).unwrap();
+    let rogue = Rogue::new(&rogue_dir, &ca);
+    dst.json(&["expect", "--disk", DISK, "--from", "rogue"]);
+    (dst, rogue)
+}
+
 #[test]
 fn rogue_source_version_bad_chunk_and_oversized_frame_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = cluster_ca(&dir.path().join("ca"));
     // The test agents' frame-stall limit is 2 s (common.rs), so case 4 answers quickly.
-    let dst = AgentProc::start(&dir.path().join("b"), "host-b", &ca, "");
-    let rogue_dir = dir.path().join("rogue");
-    std::fs::create_dir_all(&rogue_dir).unwrap();
-    let rogue = Rogue::new(&rogue_dir, &ca);
+    let (dst, rogue) = rogue_and_destination(dir.path());
     create(&dst, "vm/other", &["2G:8K"]);
-    dst.json(&["expect", "--disk", DISK, "--from", "rogue"]);
     let addr = dst.listen_addr();
     let g = Geometry::new(64 << 30, 4096).unwrap();
     let before = snapshot(&dst);
@@ -420,4 +428,53 @@ fn rogue_source_version_bad_chunk_and_oversized_frame_are_refused() {
     );
     unchanged("stalled frame");
     wait_log(&dst, "no data for 2000 ms inside a frame");
+}
+
+/// A rogue source switches over to post-copy at once and then says nothing more, over a
+/// connection kept alive: after `switchover_silence_ms` (4 s in the test agents) the
+/// destination treats it as lost, keeps owning the disk as `incomplete` (the VM may run there),
+/// and does not wait forever.
+#[test]
+fn silent_source_after_a_postcopy_switchover_is_given_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dst, rogue) = rogue_and_destination(dir.path());
+    let g = Geometry::new(64 << 30, 4096).unwrap();
+    let mut bytes = frame::encode(&Message::Hello(Hello {
+        protocol_versions: BoundedVec::new(vec![PROTOCOL_V1]).unwrap(),
+        features: features::POSTCOPY,
+        host: BoundedString::new("rogue").unwrap(),
+    }))
+    .unwrap();
+    let mut o = offer(g);
+    // The same Offer with mode Postcopy (the last field: re-encode rather than patch bytes).
+    if let Ok(Message::Offer(mut of)) = frame::decode_body(&o[frame::PREFIX..]) {
+        of.mode = Mode::Postcopy;
+        o = frame::encode(&Message::Offer(of)).unwrap();
+    }
+    bytes.extend(o);
+    bytes.extend(
+        frame::encode(&Message::Switchover(Switchover {
+            epoch_next: 2,
+            final_root: wire::Root([7; 32]),
+            postcopy: true,
+        }))
+        .unwrap(),
+    );
+    let t = Instant::now();
+    let a = rogue.exchange(&dst.listen_addr(), bytes);
+    let waited = t.elapsed();
+    assert!(
+        a.messages
+            .iter()
+            .any(|m| matches!(m, Message::Accept { .. })),
+        "{a:?}"
+    );
+    assert!(waited >= Duration::from_millis(3500), "{waited:?}");
+    wait_log(&dst, "no word from the source during post-copy");
+    let st = dst.json(&["migrate", "status", "--disk", DISK]);
+    assert_eq!(st["phase"], "incomplete", "{st}");
+    let show = dst.json(&["bitmap", "show", "--disk", DISK]);
+    assert_eq!(show["state"], "incomplete", "{show}");
+    assert_eq!(show["epoch"], 2, "{show}");
+    alive(&dst);
 }

@@ -96,6 +96,10 @@ pub struct TransportConfig {
     /// end of its payload) before the session fails as stalled. Between frames there is no
     /// limit.
     pub frame_stall_ms: u64,
+    /// Longest silence in milliseconds from the peer after a switchover while this side waits
+    /// for it (source: for `Committed`; post-copy destination: for the next chunk) before the
+    /// peer counts as lost.
+    pub switchover_silence_ms: u64,
 }
 
 impl Default for TransportConfig {
@@ -105,6 +109,7 @@ impl Default for TransportConfig {
             keep_alive_ms: 5_000,
             disable_gso: false,
             frame_stall_ms: 30_000,
+            switchover_silence_ms: 120_000,
         }
     }
 }

@@ -60,6 +60,7 @@ async fn serve(config: Config) -> Result<()> {
             max_frame: wire::proto::MAX_FRAME,
             max_payload: wire::proto::MAX_PAYLOAD,
             frame_stall: Duration::from_millis(config.transport.frame_stall_ms),
+            switchover_silence: Duration::from_millis(config.transport.switchover_silence_ms),
         },
         ..Default::default()
     };

@@ -58,7 +58,10 @@ fn policy(shared: &Shared, peer: &str) -> DestPolicy {
 async fn serve(conn: Connection, shared: Shared) -> Result<()> {
     let peer = conn.peer_name().to_string();
     let (mut w, r) = conn.accept_stream().await?.split();
+    let silence = w.limits().switchover_silence;
     let mut net = spawn_reader(r);
+    // Last time the source spoke (docs/protocol.md §5.6).
+    let mut quiet_since = tokio::time::Instant::now();
     let mut session = DestSession::new(policy(&shared, &peer));
     let (tx, mut cmds) = mpsc::unbounded_channel::<Cmd>();
     let mut tx = Some(tx);
@@ -149,17 +152,26 @@ async fn serve(conn: Connection, shared: Shared) -> Result<()> {
                 _ => "receiving",
             };
         }
+        // A post-copy destination waits on the source for the rest of the bitmap.
+        let waiting = owns && session.state() == State::Incomplete;
         tokio::select! {
-            ev = net.recv() => match ev {
-                Some(NetEvent::Item(Incoming::Message(m))) => session.handle(m)?,
-                Some(NetEvent::Item(Incoming::Payload(p))) => session.on_payload(&p)?,
-                Some(NetEvent::Bad(e)) => session.on_frame_error(e)?,
-                Some(NetEvent::Lost(why)) => {
-                    tracing::info!(%peer, %why, "migration stream ended");
-                    session.peer_lost()?
+            _ = tokio::time::sleep_until(quiet_since + silence), if waiting => {
+                tracing::warn!(%peer, ?silence, "no word from the source during post-copy; treating it as lost");
+                session.peer_lost()?;
+            }
+            ev = net.recv() => {
+                quiet_since = tokio::time::Instant::now();
+                match ev {
+                    Some(NetEvent::Item(Incoming::Message(m))) => session.handle(m)?,
+                    Some(NetEvent::Item(Incoming::Payload(p))) => session.on_payload(&p)?,
+                    Some(NetEvent::Bad(e)) => session.on_frame_error(e)?,
+                    Some(NetEvent::Lost(why)) => {
+                        tracing::info!(%peer, %why, "migration stream ended");
+                        session.peer_lost()?
+                    }
+                    None => session.peer_lost()?,
                 }
-                None => session.peer_lost()?,
-            },
+            }
             Some(cmd) = cmds.recv() => match cmd {
                 Cmd::Mark(ranges) => {
                     for (o, l) in ranges {

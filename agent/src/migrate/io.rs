@@ -155,15 +155,22 @@ fn ended(e: ReadExactError, before: usize) -> NetEvent {
     }
 }
 
-/// Perform a `Send` or `SendPayload` action. Other actions are the caller's.
+/// Perform a `Send` or `SendPayload` action. Other actions are the caller's. A write that
+/// quinn cannot accept within the writer's `frame_stall` limit (the peer stopped reading, so
+/// flow control holds it) fails with [`TransportError::Timeout`]: the peer counts as lost.
 pub async fn send(w: &mut FrameWriter, a: Action) -> Result<(), TransportError> {
-    match a {
-        Action::Send(m) => {
-            // Every field of a wire message is bounded, so it always fits a frame.
-            let f = frame::encode(&m).expect("wire messages fit in a frame");
-            w.send_payload(Bytes::from(f)).await
-        }
-        Action::SendPayload(p) => w.send_payload(Bytes::from(p)).await,
+    let bytes = match a {
+        // Every field of a wire message is bounded, so it always fits a frame.
+        Action::Send(m) => Bytes::from(frame::encode(&m).expect("wire messages fit in a frame")),
+        Action::SendPayload(p) => Bytes::from(p),
         other => unreachable!("not a send action: {other:?}"),
+    };
+    let stall = w.limits().frame_stall;
+    match tokio::time::timeout(stall, w.send_payload(bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(TransportError::Timeout {
+            what: "the peer to read what was sent",
+            after: stall,
+        }),
     }
 }

@@ -159,7 +159,10 @@ impl Task {
             s.phase = "negotiating";
         });
         let (mut w, r) = conn.open_stream().await?.split();
+        let silence = w.limits().switchover_silence;
         let mut net = spawn_reader(r);
+        // Last time the peer spoke or we sent something (docs/protocol.md §5.6).
+        let mut quiet_since = tokio::time::Instant::now();
         let mut marked_since_round = false;
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         let mut switched = false;
@@ -178,6 +181,7 @@ impl Task {
                 )?;
             }
             while net_open && let Ok(ev) = net.try_recv() {
+                quiet_since = tokio::time::Instant::now();
                 net_open = self.on_net(&mut session, Some(ev))?;
             }
             if let Some(postcopy) = pending_switchover
@@ -195,6 +199,7 @@ impl Task {
                 }
             }
             if let Some(a) = session.poll_action() {
+                quiet_since = tokio::time::Instant::now();
                 match a {
                     Action::Send(Message::Switchover(sw)) => {
                         self.hand_over(&format!(
@@ -238,9 +243,20 @@ impl Task {
             }
             self.report(&session, switched, marked_since_round);
             tokio::select! {
-                ev = net.recv(), if net_open => net_open = self.on_net(&mut session, ev)?,
+                ev = net.recv(), if net_open => {
+                    quiet_since = tokio::time::Instant::now();
+                    net_open = self.on_net(&mut session, ev)?;
+                }
                 cmd = cmds.recv() => self.on_cmd(&mut session, cmd, &mut marked_since_round, &mut pending_switchover)?,
                 _ = tick.tick() => {
+                    // Switched over, everything sent, and the destination silent for too long:
+                    // it is lost, and the ownership rules decide (simulator rule 10).
+                    if switched && !session_over(&session) && quiet_since.elapsed() > silence {
+                        tracing::warn!(disk = %self.disk, ?silence, "no word from the destination since the switchover; treating it as lost");
+                        self.set(|s| s.notice = Some(format!("destination silent for {silence:?} after the switchover")));
+                        session.peer_lost()?;
+                        continue;
+                    }
                     // Keep pre-copy rounds going while the VM writes: a new round as soon as
                     // the previous one is acknowledged and there is something to send.
                     if !switched

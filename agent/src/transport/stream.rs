@@ -36,6 +36,11 @@ pub struct Limits {
     /// connection lives; inside one, silence means a lost or corrupted length prefix (found by
     /// the simulator: both ends waited forever behind healthy keep-alives).
     pub frame_stall: std::time::Duration,
+    /// Longest silence from the peer, once a migration has switched over, while this side
+    /// waits for it: the source for `Committed` after it has sent everything, a post-copy
+    /// destination for the next chunk. After it the peer counts as lost and the ownership
+    /// rules apply (simulator rule 10); before a switchover nothing waits on the peer.
+    pub switchover_silence: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -44,6 +49,7 @@ impl Default for Limits {
             max_frame: 16 << 20,
             max_payload: 16 << 20,
             frame_stall: std::time::Duration::from_secs(30),
+            switchover_silence: std::time::Duration::from_secs(120),
         }
     }
 }
@@ -96,6 +102,11 @@ impl FrameWriter {
             self.send.write_all(body).await?;
         }
         Ok(())
+    }
+
+    /// The limits this writer was created with.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// Send raw bytes without framing or copying; the receiver must know their length from
