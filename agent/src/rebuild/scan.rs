@@ -1,9 +1,12 @@
 //! The comparison engine: one sequential pass over the live image (and the backup, in backup
 //! mode), deciding for every block whether its content differs from the reference.
 //!
-//! Throughput design (2 cores): a reader thread issues large `pread`s (a segment, 8 MiB by
-//! default) into recycled buffers and hands them over a bounded channel, so reading overlaps
-//! hashing; each segment's blocks are then hashed/compared on all cores at once. Blocks wholly in
+//! Throughput design (2 cores): one worker per core claims the next segment (1 MiB by default),
+//! reads it with large `pread`s into its own recycled buffer and judges its blocks while the
+//! data is still in that core's cache; verdicts go over a bounded channel to the caller, which
+//! delivers them in block order. Workers stay within a window of the delivery point (a condition
+//! variable, not a sleep loop: on sparse images the sleeps overslept and left a core idle,
+//! 4.3-4.9x -> 7.3x for the 90%-holes bench). Blocks wholly in
 //! a hole (`SEEK_DATA`/`SEEK_HOLE`) are not read: they compare as zero blocks, using the BLAKE3 of
 //! a zero block precomputed once per length. In backup mode blocks are compared with `memcmp`
 //! (several times faster than hashing both sides); the backup is hashed only when its manifest
@@ -20,9 +23,9 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Default bytes per read.
@@ -76,7 +79,7 @@ pub struct ScanOptions {
 }
 
 impl ScanOptions {
-    /// Defaults for `granularity`: 8 MiB reads, all cores, no rate limit, no hashes.
+    /// Defaults for `granularity`: 1 MiB reads, all cores, no rate limit, no hashes.
     pub fn new(granularity: u64) -> Self {
         ScanOptions {
             granularity,
@@ -125,6 +128,47 @@ const DATA: u8 = 2;
 /// Segments a worker may run ahead of the in-order delivery.
 const WINDOW: u64 = 16;
 
+/// How far in-order delivery has got, for workers that must not run more than [`WINDOW`]
+/// segments ahead. A condition variable rather than polling: a worker that ran ahead through
+/// holes resumes the moment the delivery catches up (a 200 µs sleep loop overslept by
+/// milliseconds and left the second core idle on sparse images).
+#[derive(Default)]
+struct Delivery {
+    done: Mutex<u64>,
+    moved: Condvar,
+}
+
+impl Delivery {
+    fn advance(&self, done: u64) {
+        *self.done.lock().unwrap_or_else(|p| p.into_inner()) = done;
+        self.moved.notify_all();
+    }
+
+    /// Wake every waiting worker (the scan is stopping).
+    fn wake_all(&self) {
+        let _guard = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        self.moved.notify_all();
+    }
+
+    /// Wait until segment `k` is within [`WINDOW`] of the delivery point; `false` if the scan
+    /// stopped meanwhile.
+    fn wait_for_room(&self, k: u64, stop: &AtomicBool, cancel: &AtomicBool) -> bool {
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        while k >= *done + WINDOW {
+            if stop.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed) {
+                return false;
+            }
+            // The timeout only bounds how late a cancel is noticed.
+            done = self
+                .moved
+                .wait_timeout(done, Duration::from_millis(20))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
 /// What the workers share.
 struct Shared<'a> {
     start: u64,
@@ -133,7 +177,7 @@ struct Shared<'a> {
     zeros: &'a ZeroHashes,
     bucket: Option<&'a Mutex<TokenBucket>>,
     next: &'a AtomicU64,
-    delivered: &'a AtomicU64,
+    delivered: &'a Delivery,
     stop: &'a AtomicBool,
 }
 
@@ -301,7 +345,7 @@ impl Scan<'_> {
         }
         let bucket = self.options.rate.map(|r| Mutex::new(TokenBucket::new(r)));
         let next = AtomicU64::new(0);
-        let delivered = AtomicU64::new(0);
+        let delivered = Delivery::default();
         let stop = AtomicBool::new(false);
         let (tx, rx) = sync_channel::<(u64, Result<Verdicts, RebuildError>)>(WINDOW as usize);
         let shared = Shared {
@@ -348,13 +392,14 @@ impl Scan<'_> {
                         break;
                     }
                     done += 1;
-                    delivered.store(done, Ordering::Release);
+                    delivered.advance(done);
                 }
                 if outcome.is_err() {
                     break;
                 }
             }
             stop.store(true, Ordering::Relaxed);
+            delivered.wake_all();
             drop(rx);
             let panicked = handles.into_iter().any(|h| h.join().is_err());
             outcome?;
@@ -385,11 +430,8 @@ impl Scan<'_> {
             if k >= sh.segments {
                 return;
             }
-            while k >= sh.delivered.load(Ordering::Acquire) + WINDOW {
-                if sh.stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_micros(200));
+            if !sh.delivered.wait_for_room(k, sh.stop, self.cancel) {
+                return;
             }
             let first = sh.start + k * sh.seg_blocks;
             let n = sh.seg_blocks.min(total - first) as usize;
