@@ -478,3 +478,104 @@ fn silent_source_after_a_postcopy_switchover_is_given_up() {
     assert_eq!(show["epoch"], 2, "{show}");
     alive(&dst);
 }
+
+/// A rogue destination that follows the protocol up to the switchover (Welcome, Accept with the
+/// Offer's hash, RoundAck for every round) and then says nothing more, over a connection kept
+/// alive. After `switchover_silence_ms` (4 s in the test agents) the source must give up, stay
+/// out of ownership ("handed over", never `consistent` again), and keep running.
+#[test]
+fn silent_destination_after_the_switchover_leaves_the_source_in_doubt() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = cluster_ca(&dir.path().join("ca"));
+    let src = AgentProc::start(&dir.path().join("a"), "host-a", &ca, "");
+    create(&src, DISK, &["0:1M", "7G:64K"]);
+    let rogue_dir = dir.path().join("rogue");
+    std::fs::create_dir_all(&rogue_dir).unwrap();
+    let rogue = Rogue::new(&rogue_dir, &ca);
+    let ep = {
+        let _guard = rogue.rt.enter();
+        Endpoint::server(
+            "127.0.0.1:0".parse().unwrap(),
+            &rogue.id,
+            TransportOptions::default(),
+        )
+        .unwrap()
+    };
+    let addr = ep.local_addr().unwrap().to_string();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<&'static str>();
+    rogue.rt.spawn(async move {
+        let conn = ep.accept().await.unwrap().establish().await.unwrap();
+        let mut s = conn.accept_stream().await.unwrap();
+        while let Ok(Some(body)) = s.recv_frame().await {
+            let reply = match frame::decode_body(&body).unwrap() {
+                Message::Hello(_) => Some(Message::Welcome(Welcome {
+                    version: PROTOCOL_V1,
+                    features: 0,
+                })),
+                Message::Offer(o) => Some(Message::Accept {
+                    offer: offer_hash(&o),
+                }),
+                m @ (Message::Chunk(_) | Message::Delta(_)) => {
+                    s.recv_payload(m.payload_len()).await.unwrap();
+                    None
+                }
+                Message::RoundEnd { round, root } => Some(Message::RoundAck { round, root }),
+                Message::Switchover(_) => {
+                    let _ = seen_tx.send("switchover");
+                    None
+                }
+                _ => None,
+            };
+            if let Some(m) = reply {
+                s.send_frame(&frame::encode(&m).unwrap()[frame::PREFIX..])
+                    .await
+                    .unwrap();
+            }
+        }
+        // Keep the connection (and its keep-alives) up until the runtime goes away.
+        std::future::pending::<()>().await;
+    });
+    src.json(&[
+        "migrate",
+        "start",
+        "--disk",
+        DISK,
+        "--to",
+        &addr,
+        "--server-name",
+        "rogue",
+    ]);
+    let t = Instant::now();
+    while src.json(&["migrate", "status", "--disk", DISK])["converged"] != true {
+        assert!(t.elapsed() < Duration::from_secs(20), "{}", src.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Returns once the switchover has left (the destination never commits).
+    // Waits until the destination owns the disk or the migration ends: here, the latter.
+    let sw = Instant::now();
+    let _ = src.cli(&["migrate", "switchover", "--disk", DISK]);
+    assert_eq!(
+        seen_rx.recv_timeout(Duration::from_secs(10)),
+        Ok("switchover")
+    );
+    let st = loop {
+        let st = src.json(&["migrate", "status", "--disk", DISK]);
+        if st["finished"] == true {
+            break st;
+        }
+        assert!(
+            sw.elapsed() < Duration::from_secs(20),
+            "{st}\n{}",
+            src.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(sw.elapsed() >= Duration::from_millis(3500), "{st}");
+    assert!(st["outcome"].as_str().unwrap().contains("in doubt"), "{st}");
+    wait_log(&src, "no word from the destination since the switchover");
+    assert_ne!(st["outcome"], "migrated", "{st}");
+    let show = src.json(&["bitmap", "show", "--disk", DISK]);
+    assert_ne!(show["state"], "consistent", "{show}");
+    assert_ne!(show["state"], "recording", "{show}");
+    alive(&src);
+}
