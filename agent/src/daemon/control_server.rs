@@ -68,6 +68,7 @@ async fn connection(s: UnixStream, shared: Shared, net: Arc<Net>, stop: Arc<Noti
                 server_name,
                 rate,
             }) => to_response(start_migration(&shared, &net, disk, &to, server_name, rate).await),
+            Ok(Request::Mark { disk, ranges }) => to_response(mark(&shared, disk, ranges).await),
             Ok(req) => {
                 let shutdown = matches!(req, Request::Shutdown);
                 let shared = shared.clone();
@@ -89,6 +90,30 @@ async fn connection(s: UnixStream, shared: Shared, net: Arc<Net>, stop: Arc<Noti
             return;
         }
     }
+}
+
+/// A mark, acknowledged once durable when it has to be (a rebuild is running): applied under
+/// the state lock, then made durable under a second acquisition, so marks from concurrent
+/// clients that land while one commit is written share the next one (group commit) instead of
+/// each rewriting the whole bitmap.
+async fn mark(
+    shared: &Shared,
+    disk: wire::DiskId,
+    ranges: Vec<(u64, u64)>,
+) -> anyhow::Result<serde_json::Value> {
+    let st = shared.clone();
+    let d = disk.clone();
+    let (report, durable_pending) =
+        tokio::task::spawn_blocking(move || st.lock().expect("state lock").mark(&d, &ranges))
+            .await
+            .map_err(|e| anyhow::anyhow!("request panicked: {e}"))??;
+    if durable_pending {
+        let st = shared.clone();
+        tokio::task::spawn_blocking(move || st.lock().expect("state lock").make_durable(&disk))
+            .await
+            .map_err(|e| anyhow::anyhow!("request panicked: {e}"))??;
+    }
+    Ok(report)
 }
 
 async fn start_migration(

@@ -583,20 +583,85 @@ mod tests {
     const G: u64 = 64 << 10;
     const SIZE: u64 = 4 << 20;
 
+    /// A backup and a live image in `dir`, both holding `data`, and where the backup's
+    /// manifest goes.
+    fn images(dir: &std::path::Path, data: &[u8]) -> (PathBuf, PathBuf, PathBuf) {
+        let (backup, live) = (dir.join("b.img"), dir.join("l.img"));
+        std::fs::write(&backup, data).unwrap();
+        std::fs::write(&live, data).unwrap();
+        (backup, live, dir.join("b.manifest"))
+    }
+
+    /// Track `disk` (SIZE bytes at G, checkpoint "c1").
+    fn create(st: &mut AgentState, disk: &DiskId) {
+        st.execute(Request::Create {
+            disk: disk.clone(),
+            size: SIZE,
+            granularity: G,
+            checkpoint: Some("c1".into()),
+        })
+        .unwrap();
+    }
+
+    /// During a rebuild a mark is acknowledged only once it is in the stored entry (a resumed
+    /// rebuild trusts that entry). Marks applied before a commit share it: the second
+    /// `make_durable` finds nothing left to write (group commit in the control server).
+    #[test]
+    fn marks_during_a_rebuild_are_made_durable_together() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (backup, live, manifest) = images(dir.path(), &vec![3u8; SIZE as usize]);
+        crate::rebuild::manifest::create(&backup, G, &manifest).unwrap();
+        let store_dir = dir.path().join("store");
+        let store = Store::open(&store_dir, Access::ReadWrite).unwrap();
+        let mut st = AgentState::open(store, vec![]).unwrap();
+        let disk = DiskId::new("vm/g").unwrap();
+        st.configure_rebuilds(&store_dir, vec![]);
+        create(&mut st, &disk);
+        // A slow job, so it is still running while we mark.
+        let v = st
+            .start_rebuild(
+                JobSpec {
+                    disk: disk.clone(),
+                    image: live,
+                    manifest: Some(manifest),
+                    backup: None,
+                    granularity: Some(G),
+                    rate: Some(64 << 10),
+                },
+                false,
+            )
+            .unwrap();
+        assert_eq!(v["state"], "running", "{v}");
+        let stored = |st: &AgentState| {
+            let b = st.store.load_own(&disk).unwrap().bitmap.unwrap();
+            (0..SIZE / G).filter(|&i| b.is_set(i)).collect::<Vec<_>>()
+        };
+        let file = store_dir.join(crate::store::file_name(&disk));
+        let (_, first) = st.mark(&disk, &[(0, 1)]).unwrap();
+        let (_, second) = st.mark(&disk, &[(5 * G, 1)]).unwrap();
+        assert!(first && second, "both must wait for a commit");
+        assert_eq!(stored(&st), Vec::<u64>::new(), "not durable yet");
+        st.make_durable(&disk).unwrap();
+        assert_eq!(stored(&st), vec![0, 5]);
+        let ino = std::fs::metadata(&file).unwrap().ino();
+        st.make_durable(&disk).unwrap();
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().ino(),
+            ino,
+            "the second mark was already covered: no second commit"
+        );
+        st.cancel_rebuild(&disk).unwrap();
+    }
+
     /// A cut post-copy (`rebuild_needed`) on a disk with a configured reference starts the job;
     /// a mark behind the scan lands in the result; the disk ends `recording`, bound to the
     /// manifest's root, with the checkpoint id it had.
     #[test]
     fn rebuild_needed_starts_the_configured_job_and_keeps_marks() {
         let dir = tempfile::tempdir().unwrap();
-        let (backup, live, manifest) = (
-            dir.path().join("b.img"),
-            dir.path().join("l.img"),
-            dir.path().join("b.manifest"),
-        );
         let data: Vec<u8> = (0..SIZE).map(|i| (i * 7 % 251) as u8).collect();
-        std::fs::write(&backup, &data).unwrap();
-        std::fs::write(&live, &data).unwrap();
+        let (backup, live, manifest) = images(dir.path(), &data);
         let f = std::fs::OpenOptions::new().write(true).open(&live).unwrap();
         f.write_all_at(&[0xAA; 100], 3 * G + 5).unwrap();
         let created = crate::rebuild::manifest::create(&backup, G, &manifest).unwrap();
@@ -615,13 +680,7 @@ mod tests {
                 rate: Some(4 << 20),
             }],
         );
-        st.execute(Request::Create {
-            disk: disk.clone(),
-            size: SIZE,
-            granularity: G,
-            checkpoint: Some("c1".into()),
-        })
-        .unwrap();
+        create(&mut st, &disk);
         st.set_state(&disk, State::Incomplete, Some("post-copy cut".into()))
             .unwrap();
         st.rebuild_needed(&disk, "post-copy cut");

@@ -236,6 +236,68 @@ impl AgentState {
         Ok(())
     }
 
+    /// Record `ranges` as written on `disk` (the `Mark` request) and report. `true` in the
+    /// result: the mark must be durable before it is acknowledged (a rebuild is running and
+    /// trusts the stored entry) and [`AgentState::make_durable`] has not run yet. The control
+    /// server calls it after releasing the lock once, so concurrent marks share one commit.
+    pub fn mark(&mut self, disk: &DiskId, ranges: &[(u64, u64)]) -> Result<(Value, bool)> {
+        // docs/operations.md §Migrations: once a switchover is requested this host can no
+        // longer get a write to the destination. Saying so is the only safe answer: the
+        // tracker must report the write to the destination instead.
+        if self
+            .migrations
+            .get(disk)
+            .is_some_and(Migration::source_handed_off)
+        {
+            bail!(
+                "{disk} is being handed over to another host (switchover requested): \
+                 this mark was NOT recorded here; report the write to the destination"
+            );
+        }
+        // A running rebuild gets every mark (docs/rebuild.md §In the agent).
+        let rebuilding = self.rebuild_mark(disk, ranges)?;
+        // A running migration gets every mark too (docs/protocol.md §5).
+        let forwarded = match self.migrations.get(disk) {
+            Some(m) if m.active() => m.cmd.send(Cmd::Mark(ranges.to_vec())).is_ok(),
+            _ => false,
+        };
+        if forwarded && !self.disks.contains_key(disk) {
+            return Ok((json!({"disk": disk, "forwarded_to_migration": true}), false));
+        }
+        let t = self
+            .disks
+            .get_mut(disk)
+            .ok_or(StoreError::NotFound(disk.clone()))?;
+        let Some(bits) = t.bits.as_mut() else {
+            return Err(Failure::untrusted(format!(
+                "bitmap for {disk} is unreadable; rebuild it before marking"
+            )));
+        };
+        let newly = mark_all(bits, ranges)?;
+        t.unflushed |= newly > 0;
+        // Write-through while rebuilding: a resumed rebuild trusts this entry to hold
+        // every acknowledged mark since its first run began.
+        let durable_pending = (rebuilding || t.meta.state == State::Rebuilding) && t.unflushed;
+        metrics::counter!("bitferry_marks_total").increment(ranges.len() as u64);
+        Ok((mark_report(&t.meta, bits, newly), durable_pending))
+    }
+
+    /// Commit `disk`'s entry if it holds marks not yet on disk. Every mark applied before this
+    /// call is then durable: marks and commits both happen under the state lock, and a commit
+    /// writes everything applied so far (group commit: one commit covers all marks that arrived
+    /// while the previous one was being written).
+    pub fn make_durable(&mut self, disk: &DiskId) -> Result<()> {
+        let Some(t) = self.disks.get_mut(disk) else {
+            return Ok(());
+        };
+        if let (true, Some(bits)) = (t.unflushed, t.bits.as_mut()) {
+            self.store.commit(&mut t.meta, bits)?;
+            t.unflushed = false;
+            metrics::counter!("bitferry_mark_commits_total").increment(1);
+        }
+        Ok(())
+    }
+
     /// Execute one control request.
     pub fn execute(&mut self, req: Request) -> Result<Value> {
         match req {
@@ -265,50 +327,11 @@ impl AgentState {
                 Ok(v)
             }
             Request::Mark { disk, ranges } => {
-                // docs/operations.md §Migrations: once a switchover is requested this host can no
-                // longer get a write to the destination. Saying so is the only safe answer: the
-                // tracker must report the write to the destination instead.
-                if self
-                    .migrations
-                    .get(&disk)
-                    .is_some_and(Migration::source_handed_off)
-                {
-                    bail!(
-                        "{disk} is being handed over to another host (switchover requested): \
-                         this mark was NOT recorded here; report the write to the destination"
-                    );
+                let (report, durable_pending) = self.mark(&disk, &ranges)?;
+                if durable_pending {
+                    self.make_durable(&disk)?;
                 }
-                // A running rebuild gets every mark (docs/rebuild.md §In the agent).
-                let rebuilding = self.rebuild_mark(&disk, &ranges)?;
-                // A running migration gets every mark too (docs/protocol.md §5).
-                let forwarded = match self.migrations.get(&disk) {
-                    Some(m) if m.active() => m.cmd.send(Cmd::Mark(ranges.clone())).is_ok(),
-                    _ => false,
-                };
-                if forwarded && !self.disks.contains_key(&disk) {
-                    return Ok(json!({"disk": disk, "forwarded_to_migration": true}));
-                }
-                let t = self
-                    .disks
-                    .get_mut(&disk)
-                    .ok_or(StoreError::NotFound(disk.clone()))?;
-                let Some(bits) = t.bits.as_mut() else {
-                    return Err(Failure::untrusted(format!(
-                        "bitmap for {disk} is unreadable; rebuild it before marking"
-                    )));
-                };
-                let newly = mark_all(bits, &ranges)?;
-                t.unflushed |= newly > 0;
-                if rebuilding || t.meta.state == State::Rebuilding {
-                    // Write-through: a resumed rebuild trusts this entry to hold every
-                    // acknowledged mark since its first run began.
-                    if t.unflushed {
-                        self.store.commit(&mut t.meta, bits)?;
-                        t.unflushed = false;
-                    }
-                }
-                metrics::counter!("bitferry_marks_total").increment(ranges.len() as u64);
-                Ok(mark_report(&t.meta, bits, newly))
+                Ok(report)
             }
             Request::Show { disk } => {
                 let t = self.tracked(&disk)?;
