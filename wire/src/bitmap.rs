@@ -128,6 +128,16 @@ impl Bitmap {
 
     /// OR `other` into `self`. Both must have the same geometry.
     pub fn merge(&mut self, other: &Bitmap) -> Result<(), GeometryMismatch> {
+        self.combine(other, |a, b| a | b)
+    }
+
+    /// Replace every word `a` by `op(a, b)`, `b` the same word of `other`, invalidating the
+    /// hash of every chunk that changed. Both must have the same geometry.
+    fn combine(
+        &mut self,
+        other: &Bitmap,
+        op: impl Fn(u64, u64) -> u64,
+    ) -> Result<(), GeometryMismatch> {
         if self.geom != other.geom {
             return Err(GeometryMismatch {
                 ours: self.geom,
@@ -142,8 +152,9 @@ impl Bitmap {
         {
             let mut changed = false;
             for (a, b) in mine.iter_mut().zip(theirs) {
-                changed |= *b & !*a != 0;
-                *a |= *b;
+                let w = op(*a, *b);
+                changed |= w != *a;
+                *a = w;
             }
             if changed {
                 self.tree.invalidate(c);
@@ -171,28 +182,7 @@ impl Bitmap {
     /// Clear every bit that is set in `other` (`self &= !other`). Both must have the same
     /// geometry. The migration source uses it to keep only the *newly* set bits of a round.
     pub fn subtract(&mut self, other: &Bitmap) -> Result<(), GeometryMismatch> {
-        if self.geom != other.geom {
-            return Err(GeometryMismatch {
-                ours: self.geom,
-                theirs: other.geom,
-            });
-        }
-        for (c, (mine, theirs)) in self
-            .words
-            .chunks_mut(WORDS_PER_CHUNK)
-            .zip(other.words.chunks(WORDS_PER_CHUNK))
-            .enumerate()
-        {
-            let mut changed = false;
-            for (a, b) in mine.iter_mut().zip(theirs) {
-                changed |= *a & *b != 0;
-                *a &= !*b;
-            }
-            if changed {
-                self.tree.invalidate(c);
-            }
-        }
-        Ok(())
+        self.combine(other, |a, b| a & !b)
     }
 
     /// Clear every bit of chunk `i` (no-op past the last chunk).

@@ -549,62 +549,49 @@ impl DestSession {
     /// bitmap; in post-copy it then replaces the source copy's chunk and is OR-ed into the
     /// owned bitmap.
     fn apply_chunk(&mut self, h: ChunkHeader, payload: &[u8]) {
+        match self.install_verified(h, payload) {
+            Ok(true) => self.stats.chunks += 1,
+            Ok(false) => {}
+            Err(why) => self.fail(
+                PeerError::BadChunk {
+                    index: h.index,
+                    why,
+                },
+                AbortReason::BadChunk,
+            ),
+        }
+    }
+
+    /// Decode and verify chunk `h`, then install it; `Ok(false)` when there is no copy to
+    /// install it in, `Err` with why the chunk is bad (nothing changed then).
+    fn install_verified(&mut self, h: ChunkHeader, payload: &[u8]) -> Result<bool, String> {
         let Some(geom) = self.offer.as_ref().map(|o| o.geom) else {
-            return;
+            return Ok(false);
         };
         let index = h.index as usize;
         let raw_len = geom.chunk_range(index).len();
         // A raw payload of the right length is verified and applied where it lies; the other
         // forms are decoded first (and a wrong length is decode_chunk's error to report).
         let raw = match h.kind {
-            ChunkKind::Raw if payload.len() == raw_len => Ok(Cow::Borrowed(payload)),
-            kind => decode_chunk(kind, payload, raw_len).map(Cow::Owned),
-        };
-        let raw = match raw {
-            Ok(r) => r,
-            Err(e) => {
-                self.fail(
-                    PeerError::BadChunk {
-                        index: h.index,
-                        why: e.to_string(),
-                    },
-                    AbortReason::BadChunk,
-                );
-                return;
-            }
+            ChunkKind::Raw if payload.len() == raw_len => Cow::Borrowed(payload),
+            kind => Cow::Owned(decode_chunk(kind, payload, raw_len).map_err(|e| e.to_string())?),
         };
         if chunk_cv(index, &raw) != h.cv {
-            self.fail(
-                PeerError::BadChunk {
-                    index: h.index,
-                    why: "content does not match its hash".into(),
-                },
-                AbortReason::BadChunk,
-            );
-            return;
+            return Err("content does not match its hash".into());
         }
-        let r = match self.src() {
-            // `h.cv` was just checked against `raw`: the round's root need not hash it again.
-            Some(src) => src.install_chunk_raw(index, &raw, h.cv),
-            None => return,
+        let Some(src) = self.src() else {
+            return Ok(false);
         };
-        if let Err(e) = r {
-            self.fail(
-                PeerError::BadChunk {
-                    index: h.index,
-                    why: e.to_string(),
-                },
-                AbortReason::BadChunk,
-            );
-            return;
-        }
+        // `h.cv` was just checked against `raw`: the round's root need not hash it again.
+        src.install_chunk_raw(index, &raw, h.cv)
+            .map_err(|e| e.to_string())?;
         if self.phase == Phase::PostCopy
             && let Some(live) = self.live.as_mut()
         {
             // Same bytes as just applied to `src`: cannot fail.
             let _ = live.apply_chunk_raw(index, &raw, true);
         }
-        self.stats.chunks += 1;
+        Ok(true)
     }
 
     fn on_round_end(&mut self, round: u32, root: Root) {
@@ -655,10 +642,6 @@ impl DestSession {
     fn on_switchover(&mut self, s: Switchover) {
         self.counting = true;
         let epoch_next = self.epoch_next;
-        let offered_postcopy = self
-            .offer
-            .as_ref()
-            .is_some_and(|o| o.mode == Mode::Postcopy);
         if s.postcopy {
             self.postcopy = true;
             // docs/protocol.md §5.5: the VM resumes here now, so this host owns the disk from
@@ -674,6 +657,20 @@ impl DestSession {
                 State::Incomplete,
                 Some("post-copy migration in progress".into()),
             );
+            // A post-copy this session never agreed to. Owned anyway, as above: the VM may be
+            // running here now, and incomplete is the truth.
+            let unagreed = if self.features & features::POSTCOPY == 0 {
+                Some("post-copy was not negotiated")
+            } else if !self
+                .offer
+                .as_ref()
+                .is_some_and(|o| o.mode == Mode::Postcopy)
+            {
+                // The Offer's mode, confirmed by its hash in Accept.
+                Some("the Offer was pre-copy")
+            } else {
+                None
+            };
             if s.epoch_next != epoch_next {
                 self.fail(
                     PeerError::BadEpoch {
@@ -682,21 +679,11 @@ impl DestSession {
                     },
                     AbortReason::StaleEpoch,
                 );
-            } else if self.features & features::POSTCOPY == 0 {
+            } else if let Some(phase) = unagreed {
                 self.fail(
                     PeerError::Unexpected {
                         got: "post-copy Switchover",
-                        phase: "post-copy was not negotiated",
-                    },
-                    AbortReason::Protocol,
-                );
-            } else if !offered_postcopy {
-                // The Offer (confirmed by its hash in Accept) said pre-copy. Owned anyway, as
-                // above: the VM may be running here now, and incomplete is the truth.
-                self.fail(
-                    PeerError::Unexpected {
-                        got: "post-copy Switchover",
-                        phase: "the Offer was pre-copy",
+                        phase,
                     },
                     AbortReason::Protocol,
                 );
