@@ -23,9 +23,8 @@ pub fn execute(dir: &Path, req: Request) -> Result<Value> {
         } => {
             let geometry = Geometry::new(size, granularity)?;
             let mut store = Store::open(dir, Access::ReadWrite)?;
-            let meta = new_meta(disk, geometry, checkpoint);
-            let mut bitmap = Bitmap::new(geometry);
-            store.create(&meta, &mut bitmap)?;
+            let (meta, mut bitmap) =
+                create_entry(&mut store, disk, geometry, checkpoint, State::Consistent)?;
             Ok(report::bitmap(&meta, Some(&mut bitmap), None))
         }
         Request::Mark { disk, ranges } => {
@@ -80,9 +79,14 @@ pub fn execute(dir: &Path, req: Request) -> Result<Value> {
     }
 }
 
-/// Metadata of a newly created bitmap: epoch 1, consistent (an empty bitmap is trivially a
-/// superset of the changes since a checkpoint taken now).
-pub fn new_meta(disk: wire::DiskId, geometry: Geometry, checkpoint: Option<String>) -> Meta {
+/// Metadata of a newly created bitmap: epoch 1, in `state` (consistent offline: an empty
+/// bitmap is trivially a superset of the changes since a checkpoint taken now).
+fn new_meta(
+    disk: wire::DiskId,
+    geometry: Geometry,
+    checkpoint: Option<String>,
+    state: State,
+) -> Meta {
     Meta {
         disk,
         geometry,
@@ -91,10 +95,25 @@ pub fn new_meta(disk: wire::DiskId, geometry: Geometry, checkpoint: Option<Strin
             manifest_root: None,
         }),
         epoch: 1,
-        state: State::Consistent,
+        state,
         reason: None,
         generation: 1,
     }
+}
+
+/// Store a new, clean entry for `disk` at epoch 1 in `state` (the `Create` request, offline
+/// and in the agent) and return it.
+pub fn create_entry(
+    store: &mut Store,
+    disk: wire::DiskId,
+    geometry: Geometry,
+    checkpoint: Option<String>,
+    state: State,
+) -> Result<(Meta, Bitmap)> {
+    let meta = new_meta(disk, geometry, checkpoint, state);
+    let mut bitmap = Bitmap::new(geometry);
+    store.create(&meta, &mut bitmap)?;
+    Ok((meta, bitmap))
 }
 
 /// Apply every range, or none if any is out of bounds. Returns blocks newly set.

@@ -153,15 +153,12 @@ fn run_offline(ctx: &Ctx, a: RunArgs) -> Result<()> {
         } else {
             tag = format!("{:016x}", rand::random::<u64>());
             job.start_fresh(tag.clone());
-            let mut meta = Meta {
-                disk: disk.clone(),
+            let mut meta = crate::rebuild::rebuilding_meta(
+                disk.clone(),
                 geometry,
-                checkpoint: prior.as_ref().and_then(|m| m.checkpoint.clone()),
-                epoch: prior.as_ref().map_or(1, |m| m.epoch),
-                state: State::Rebuilding,
-                reason: Some(rebuilding_reason(&tag, &ref_path)),
-                generation: prior.as_ref().map_or(0, |m| m.generation),
-            };
+                prior.as_ref(),
+                rebuilding_reason(&tag, &ref_path),
+            );
             store.commit(&mut meta, &mut Bitmap::new(geometry))?;
         }
     }

@@ -17,7 +17,6 @@ use crate::rebuild::RebuildError;
 use crate::rebuild::job::{
     JobConfig, JobHandle, Progress, ProgressSnapshot, RebuildJob, ReferenceSpec,
 };
-use crate::store::Meta;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -320,15 +319,12 @@ impl AgentState {
                     spec: spec.clone(),
                 })?);
                 let prior = self.disks.get(&disk).map(|t| t.meta.clone());
-                let mut meta = Meta {
-                    disk: disk.clone(),
+                let mut meta = crate::rebuild::rebuilding_meta(
+                    disk.clone(),
                     geometry,
-                    checkpoint: prior.as_ref().and_then(|m| m.checkpoint.clone()),
-                    epoch: prior.as_ref().map_or(1, |m| m.epoch),
-                    state: State::Rebuilding,
-                    reason: Some(reason_for(&id, spec.reference_path())),
-                    generation: prior.as_ref().map_or(0, |m| m.generation),
-                };
+                    prior.as_ref(),
+                    reason_for(&id, spec.reference_path()),
+                );
                 let mut bits = Bitmap::new(geometry);
                 self.store.commit(&mut meta, &mut bits)?;
                 self.disks.insert(

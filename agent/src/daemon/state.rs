@@ -8,7 +8,7 @@
 use super::config::Expectation;
 use crate::control::Request;
 use crate::exit::Failure;
-use crate::local::{export_raw, mark_all, mark_report, new_meta, verify_report};
+use crate::local::{create_entry, export_raw, mark_all, mark_report, verify_report};
 use crate::migrate::{Cmd, Migration, Role};
 use crate::report;
 use crate::store::{Meta, Store, StoreError};
@@ -311,10 +311,13 @@ impl AgentState {
                 if self.disks.contains_key(&disk) {
                     return Err(StoreError::Exists(disk).into());
                 }
-                let mut meta = new_meta(disk.clone(), geometry, checkpoint);
-                meta.state = State::Recording;
-                let mut bits = Bitmap::new(geometry);
-                self.store.create(&meta, &mut bits)?;
+                let (meta, mut bits) = create_entry(
+                    &mut self.store,
+                    disk.clone(),
+                    geometry,
+                    checkpoint,
+                    State::Recording,
+                )?;
                 let v = report::bitmap(&meta, Some(&mut bits), None);
                 self.disks.insert(
                     disk,

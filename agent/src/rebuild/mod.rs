@@ -20,6 +20,7 @@ pub mod state;
 #[cfg(test)]
 mod tests;
 
+use crate::store::Meta;
 use std::io;
 use std::path::Path;
 
@@ -80,4 +81,23 @@ pub fn file_size(f: &std::fs::File) -> io::Result<u64> {
     let end = f.seek(SeekFrom::End(0))?;
     f.seek(SeekFrom::Start(0))?;
     Ok(end)
+}
+
+/// The stored entry a rebuild starts from: `rebuilding` (durably an owner before the VM may
+/// write), keeping the checkpoint, epoch and generation of the entry it replaces, if any.
+pub fn rebuilding_meta(
+    disk: wire::DiskId,
+    geometry: wire::Geometry,
+    prior: Option<&Meta>,
+    reason: String,
+) -> Meta {
+    Meta {
+        disk,
+        geometry,
+        checkpoint: prior.and_then(|m| m.checkpoint.clone()),
+        epoch: prior.map_or(1, |m| m.epoch),
+        state: wire::State::Rebuilding,
+        reason: Some(reason),
+        generation: prior.map_or(0, |m| m.generation),
+    }
 }

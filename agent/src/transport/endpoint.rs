@@ -115,21 +115,8 @@ impl Endpoint {
         tls: &TlsIdentity,
         opts: TransportOptions,
     ) -> Result<Self, TransportError> {
-        let transport = Arc::new(opts.transport_config()?);
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls.server_config()?));
-        server.transport_config(transport.clone());
         let socket = bind(addr, opts.socket_buffer)?;
-        let mut inner = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )?;
-        inner.set_default_client_config(client_config(tls, transport)?);
-        Ok(Endpoint {
-            inner,
-            opts: Arc::new(opts),
-        })
+        Self::over_udp(socket, tls, opts, true)
     }
 
     /// An endpoint that only connects, bound to an ephemeral port on all interfaces
@@ -142,18 +129,20 @@ impl Endpoint {
                 opts.socket_buffer,
             )
         })?;
-        let transport = Arc::new(opts.transport_config()?);
-        let mut inner = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            None,
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )?;
-        inner.set_default_client_config(client_config(tls, transport)?);
-        Ok(Endpoint {
-            inner,
-            opts: Arc::new(opts),
-        })
+        Self::over_udp(socket, tls, opts, false)
+    }
+
+    /// An endpoint over a bound UDP socket, on the tokio runtime.
+    fn over_udp(
+        socket: std::net::UdpSocket,
+        tls: &TlsIdentity,
+        opts: TransportOptions,
+        listen: bool,
+    ) -> Result<Self, TransportError> {
+        use quinn::Runtime;
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let socket = runtime.wrap_udp_socket(socket)?;
+        Self::with_socket(socket, runtime, tls, opts, listen, None)
     }
 
     /// An endpoint over any datagram socket (the simulator's lossy network, for one), optionally
