@@ -12,6 +12,7 @@
 //!   ([`crate::transport::bench::bulk`]).
 
 use super::io::{NetEvent, send, spawn_reader};
+use crate::transport::bench::process_cpu_seconds;
 use crate::transport::{Connection, Endpoint, TlsIdentity, TransportError, TransportOptions};
 use rand::{Rng, SeedableRng};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -102,6 +103,8 @@ pub struct Run {
     /// From opening the stream until the destination acknowledged the bulk round's root (every
     /// chunk hash and the root verified).
     pub bulk_seconds: f64,
+    /// CPU time of the whole process over `bulk_seconds`.
+    pub bulk_cpu_seconds: f64,
     /// The root the destination committed (checked equal to the expected final bitmap's).
     pub root: Root,
 }
@@ -164,11 +167,12 @@ pub async fn migrate(
     })?;
     let conn = client.connect(addr, "localhost").await?;
     let start = Instant::now();
-    let src = source(&conn, session, script, start).await;
+    let cpu_start = process_cpu_seconds();
+    let src = source(&conn, session, script, start, cpu_start).await;
     let seconds = start.elapsed().as_secs_f64();
     conn.close(crate::transport::endpoint::CLOSE_OK, "done");
     let dst = receiver.await.map_err(|e| session_err("destination", e))?;
-    let (source_stats, src_root, bulk_seconds) = src?;
+    let (source_stats, src_root, (bulk_seconds, bulk_cpu_seconds)) = src?;
     let (dest_stats, mut committed) = dst?;
     let root = committed.root();
     if root != expected || src_root != expected {
@@ -185,6 +189,7 @@ pub async fn migrate(
         dest: dest_stats,
         seconds,
         bulk_seconds,
+        bulk_cpu_seconds,
         root,
     })
 }
@@ -196,7 +201,14 @@ async fn source(
     mut s: SourceSession,
     script: Script,
     start: Instant,
-) -> Result<(Stats, Root, f64), BenchError> {
+    cpu_start: f64,
+) -> Result<(Stats, Root, (f64, f64)), BenchError> {
+    let elapsed = || {
+        (
+            start.elapsed().as_secs_f64(),
+            process_cpu_seconds() - cpu_start,
+        )
+    };
     let (mut w, r) = conn.open_stream().await?.split();
     let mut net = spawn_reader(r);
     let mut bulk_seconds = None;
@@ -208,7 +220,7 @@ async fn source(
                 a @ (Action::Send(_) | Action::SendPayload(_)) => send(&mut w, a).await?,
                 Action::Finished(Outcome::Migrated { root, .. }) => {
                     let _ = tokio::time::timeout(Duration::from_secs(5), w.finish()).await;
-                    let bulk = bulk_seconds.unwrap_or_else(|| start.elapsed().as_secs_f64());
+                    let bulk = bulk_seconds.unwrap_or_else(elapsed);
                     return Ok((s.stats(), root, bulk));
                 }
                 Action::Finished(o) => return Err(session_err("source", format!("{o:?}"))),
@@ -235,7 +247,7 @@ async fn source(
             Some(NetEvent::Item(Incoming::Message(m))) => {
                 s.handle(m)?;
                 if bulk_seconds.is_none() && s.stats().rounds >= 1 {
-                    bulk_seconds = Some(start.elapsed().as_secs_f64());
+                    bulk_seconds = Some(elapsed());
                 }
             }
             Some(NetEvent::Item(Incoming::Payload(_))) => {
@@ -436,13 +448,16 @@ pub fn run(p: &Params) -> Result<serde_json::Value, BenchError> {
     let mut mig = Vec::new();
     let mut raw = Vec::new();
     let mut whole = Vec::new();
+    let (mut mig_cpu, mut raw_cpu) = (Vec::new(), Vec::new());
     let mut last = None;
     // Interleaved, so drift in the shared machine's load hits both alike.
     for i in 0..p.iterations.max(1) {
         let r = rt.block_on(bulk(&ids[0], &ids[1], &opts, raw_len, CHUNK, Mode::Raw))?;
         raw.push(r.seconds);
+        raw_cpu.push(r.cpu_seconds);
         let m = rt.block_on(dense_bulk(&ids, &opts, geom, p.seed + i as u64))?;
         mig.push(m.bulk_seconds);
+        mig_cpu.push(m.bulk_cpu_seconds);
         whole.push(m.seconds);
         last = Some(m);
     }
@@ -457,6 +472,7 @@ pub fn run(p: &Params) -> Result<serde_json::Value, BenchError> {
     let paired: Vec<f64> = raw.iter().zip(&mig).map(|(r, m)| r / m).collect();
     let (mig_s, raw_s, whole_s) = (med(&mig), med(&raw), med(&whole));
     let ratio = med(&paired);
+    let (mig_cpu_s, raw_cpu_s) = (med(&mig_cpu), med(&raw_cpu));
     // The same bulk with no network at all: what the sessions themselves cost.
     let (mem_s, mem_src_s) = {
         let mut rng = rand::rngs::StdRng::seed_from_u64(p.seed);
@@ -496,10 +512,17 @@ pub fn run(p: &Params) -> Result<serde_json::Value, BenchError> {
             "ratio_note": "median over iterations of baseline_seconds / bulk_seconds, each \
                            migration paired with the raw transfer run just before it",
             "ratio_of_medians": raw_s / mig_s,
+            "cpu_seconds": mig_cpu_s,
+            "baseline_cpu_seconds": raw_cpu_s,
+            "cpu_ratio": raw_cpu_s / mig_cpu_s,
+            "cpu_note": "process CPU time (both endpoints, every thread) over bulk_seconds and \
+                         baseline_seconds, medians; with every core busy, throughput follows it",
             "per_iteration": {
                 "bulk_seconds": mig,
                 "baseline_seconds": raw,
                 "ratios": paired,
+                "cpu_seconds": mig_cpu,
+                "baseline_cpu_seconds": raw_cpu,
             },
             "sessions_only_seconds": mem_s,
             "sessions_only_source_seconds": mem_src_s,

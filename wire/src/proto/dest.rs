@@ -146,12 +146,10 @@ pub struct DestSession {
     features: u64,
     peer_host: String,
     offer: Option<Offered>,
-    /// The source's bitmap as received (verified per chunk and per round).
+    /// The source's bitmap as received (verified per chunk and per round). Created at Accept;
+    /// its memory is mapped only as chunks land ([`Bitmap::new`]), so the page faults of a
+    /// large bitmap (~70 ms for 128 MiB) spread over the transfer instead of holding it up.
     src: Option<Bitmap>,
-    /// The geometry of `src` while it is still to be allocated: allocated on first use, after
-    /// the Accept has left, and lazily zeroed, so its page faults (~70 ms for a 128 MiB bitmap)
-    /// spread over the transfer instead of holding up the first chunk.
-    src_unallocated: Option<Geometry>,
     /// After switchover: `src` ∪ local marks, the bitmap this host owns.
     live: Option<Bitmap>,
     /// Local marks made after Accept and before switchover.
@@ -179,7 +177,6 @@ impl DestSession {
             peer_host: String::new(),
             offer: None,
             src: None,
-            src_unallocated: None,
             live: None,
             early: None,
             round: 0,
@@ -419,17 +416,13 @@ impl DestSession {
             mode: o.mode,
         });
         self.epoch_next = o.epoch + 1;
-        self.src = None;
-        self.src_unallocated = Some(geom);
+        self.src = Some(Bitmap::new(geom));
         self.send(Message::Accept { offer });
         self.phase = Phase::Receiving;
     }
 
-    /// The source's copy as received, allocated on first use.
+    /// The source's copy as received.
     fn src(&mut self) -> Option<&mut Bitmap> {
-        if let Some(geom) = self.src_unallocated.take() {
-            self.src = Some(Bitmap::new_lazily_zeroed(geom));
-        }
         self.src.as_mut()
     }
 
@@ -618,7 +611,6 @@ impl DestSession {
             self.stats.rounds += 1;
             self.state = State::Consistent;
             self.src = None;
-            self.src_unallocated = None;
             self.queue_commit(CommitKind::Final, State::Consistent, None);
             self.phase = Phase::Owner;
             return;
@@ -716,7 +708,6 @@ impl DestSession {
         }
         // docs/protocol.md §5.4: verified; take ownership at epoch + 1.
         self.final_root = Some(s.final_root);
-        self.src();
         self.live = self.src.take();
         self.adopt_early();
         self.state = State::Consistent;
@@ -864,7 +855,6 @@ impl DestSession {
     fn discard(&mut self) {
         self.queue.clear();
         self.src = None;
-        self.src_unallocated = None;
         self.live = None;
         self.early = None;
         self.payload = None;

@@ -95,10 +95,17 @@ pub struct SourceSession {
     epoch: u64,
     mode: Mode,
     phase: Phase,
-    /// Exactly what the destination's copy holds once everything queued so far is delivered.
+    /// Exactly what the destination's copy holds once everything queued so far is delivered,
+    /// except while `bulk_in_sent`.
     sent: Bitmap,
     /// Blocks marked that may not be in `sent` yet (docs/protocol.md §5.3).
     pending: Bitmap,
+    /// The bulk round is streaming and `sent`'s chunks from the stream's cursor on are the
+    /// offered bitmap's, not yet handed out. At Accept the offered bitmap *becomes* `sent`
+    /// (a swap, not a copy per chunk), so streaming a chunk that no mark touched since costs
+    /// one copy into the payload and nothing else. Either way the live bitmap is
+    /// `sent ∪ pending`.
+    bulk_in_sent: bool,
     queue: VecDeque<Action>,
     /// The round being streamed or, when nothing streams, the next round's number.
     round: u32,
@@ -147,6 +154,7 @@ impl SourceSession {
             phase: Phase::Hello,
             sent: Bitmap::new(geom),
             pending: cfg.bitmap,
+            bulk_in_sent: false,
             queue,
             round: 0,
             streaming: None,
@@ -192,12 +200,16 @@ impl SourceSession {
             return;
         };
         let chunks = self.pending.chunks();
-        while i < chunks && self.pending.chunk_is_clean(i) {
+        while i < chunks
+            && self.pending.chunk_is_clean(i)
+            && (!self.bulk_in_sent || self.sent.chunk_is_clean(i))
+        {
             i += 1;
         }
         let postcopy = self.switched.is_some_and(|s| s.postcopy);
         if i == chunks {
             self.streaming = None;
+            self.bulk_in_sent = false;
             if let Some(sw) = self.switched {
                 // docs/protocol.md §5.5: the post-copy stream ends with the final root.
                 self.queue.push_back(Action::Send(Message::RoundEnd {
@@ -209,24 +221,34 @@ impl SourceSession {
             }
             return;
         }
-        // Chunk content = what the destination has ∪ what is pending; it replaces the
-        // destination's chunk (docs/protocol.md §5.2).
+        // Chunk content = sent ∪ pending; it replaces the destination's chunk (docs/protocol.md
+        // §5.2), which in the bulk round is still empty.
         let mut raw = Vec::with_capacity(crate::CHUNK_BYTES);
-        self.pending.chunk_raw(i, &mut raw);
-        // In the bulk round the destination has nothing yet: skip the merge, and the chunk's
-        // hash is the one the Offer's root already computed unless a mark changed it since.
-        let cv = if self.sent.chunk_is_clean(i) {
-            self.pending.chunk_cv_of(i, &raw)
+        let (base, extra) = if self.bulk_in_sent {
+            (&self.sent, &self.pending)
         } else {
-            self.sent.chunk_raw(i, &mut self.buf);
+            (&self.pending, &self.sent)
+        };
+        base.chunk_raw(i, &mut raw);
+        let cv = if extra.chunk_is_clean(i) {
+            // The hash the Offer's root (or an earlier round) computed, unless a mark changed
+            // the chunk since.
+            let cv = base.chunk_cv_of(i, &raw);
+            if !self.bulk_in_sent {
+                // Cannot fail: `raw` has the chunk's exact length and comes from a valid bitmap.
+                let _ = self.sent.install_chunk_raw(i, &raw, cv);
+            }
+            cv
+        } else {
+            extra.chunk_raw(i, &mut self.buf);
             for (a, b) in raw.iter_mut().zip(&self.buf) {
                 *a |= *b;
             }
-            chunk_cv(i, &raw)
+            let cv = chunk_cv(i, &raw);
+            // `cv` is its hash, so the round's root does not hash the chunk again.
+            let _ = self.sent.install_chunk_raw(i, &raw, cv);
+            cv
         };
-        // Cannot fail: `raw` has the chunk's exact length and comes from valid bitmaps. `cv`
-        // is its hash, so the round's root does not hash the chunk again.
-        let _ = self.sent.install_chunk_raw(i, &raw, cv);
         self.pending.clear_chunk(i);
         let enc = encode_chunk_owned(raw);
         let header = ChunkHeader {
@@ -255,6 +277,24 @@ impl SourceSession {
         }));
         self.unacked.push_back((self.round, root));
         self.round += 1;
+    }
+
+    /// If the bulk is streaming with its unsent chunks in `sent`, move them to `pending`, so
+    /// that `sent` is again exactly what the destination will hold.
+    fn return_unsent_bulk(&mut self) {
+        if !std::mem::take(&mut self.bulk_in_sent) {
+            return;
+        }
+        let from = self.streaming.unwrap_or(0);
+        let mut buf = Vec::new();
+        for c in from..self.sent.chunks() {
+            if !self.sent.chunk_is_clean(c) {
+                self.sent.chunk_raw(c, &mut buf);
+                // Cannot fail: same geometry, so `buf` has the chunk's exact length.
+                let _ = self.pending.apply_chunk_raw(c, &buf, true);
+                self.sent.clear_chunk(c);
+            }
+        }
     }
 
     /// Queue Delta messages for every pending bit not yet sent, in round `round`, and fold them
@@ -338,7 +378,10 @@ impl SourceSession {
                 self.fail(PeerError::OfferMismatch, AbortReason::Protocol, None);
             }
             (Phase::Offered, Message::Accept { .. }) => {
-                // docs/protocol.md §5.2: round 0 is the bulk, streamed lazily.
+                // docs/protocol.md §5.2: round 0 is the bulk, streamed lazily. `sent` is still
+                // empty: swap, and marks from now on land in the empty bitmap.
+                std::mem::swap(&mut self.sent, &mut self.pending);
+                self.bulk_in_sent = true;
                 self.phase = Phase::Rounds;
                 self.streaming = Some(0);
             }
@@ -573,7 +616,8 @@ impl SourceSession {
             return Err(UsageError::PostcopyUnavailable);
         }
         self.counting = true;
-        // A bulk still streaming is cut here; its unsent chunks are still in `pending`.
+        // A bulk still streaming is cut here; its unsent chunks go back to `pending`.
+        self.return_unsent_bulk();
         self.streaming = None;
         let epoch_next = self.epoch + 1;
         let final_root = if postcopy {

@@ -460,6 +460,50 @@ fn postcopy_straight_after_accept_sends_everything_as_chunks() {
 }
 
 #[test]
+fn switchover_in_the_middle_of_the_bulk_delivers_every_block() {
+    // The source streams the bulk out of the offered bitmap itself (moved, not copied, at
+    // Accept). Cut that stream after two of five chunks, with marks landing before and after
+    // the cursor, and the destination must still end with exactly the union.
+    let per_chunk = CHUNK_BYTES as u64 * 8;
+    for postcopy in [false, true] {
+        let g = geom();
+        let mut initial = Bitmap::new(g);
+        for c in 0..g.chunks() as u64 {
+            initial.set_blocks(c * per_chunk + 7, c * per_chunk + 900);
+        }
+        let mut truth = initial.clone();
+        let mode = if postcopy {
+            Mode::Postcopy
+        } else {
+            Mode::Precopy
+        };
+        let mut p = Pump::new(source(initial, 1, mode), DestSession::new(policy(None)));
+        for _ in 0..2 {
+            p.step_src(1);
+        }
+        assert!(p.src.is_streaming());
+        // Chunks 0 and 1: a header and a payload each.
+        p.step_src(4);
+        assert_eq!(p.src.stats().chunks, 2, "postcopy {postcopy}");
+        for (a, b) in [
+            (5, 6),                                      // chunk 0: already streamed
+            (3 * per_chunk + 1, 3 * per_chunk + 2),      // chunk 3: not yet streamed
+            (2 * per_chunk + 800, 2 * per_chunk + 1000), // chunk 2: partly new
+            (g.blocks() - 1, g.blocks()),                // last block
+        ] {
+            p.src.mark_blocks(a, b).unwrap();
+            truth.set_blocks(a, b);
+        }
+        p.src.switchover(postcopy).unwrap();
+        p.run();
+        let (meta, got) = p.last_commit();
+        assert_eq!(meta.state, State::Consistent, "postcopy {postcopy}");
+        assert_eq!(got, &truth, "postcopy {postcopy}");
+        assert_eq!(p.retired, Some(2), "postcopy {postcopy}");
+    }
+}
+
+#[test]
 fn source_lost_mid_postcopy_leaves_dest_incomplete_with_local_marks() {
     let mut rng = Rng::seeded("source_lost_mid_postcopy_leaves_dest_incomplete_with_local_marks");
     let g = geom();
