@@ -27,7 +27,7 @@ pub struct Extent {
 }
 
 /// A dirty bitmap over a disk of some [`Geometry`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Bitmap {
     geom: Geometry,
     words: Vec<u64>,
@@ -35,6 +35,25 @@ pub struct Bitmap {
     /// write to `words` sets its chunk's bit first; only [`Bitmap::clear_chunk`] clears one.
     touched: Vec<u64>,
     tree: HashTree,
+}
+
+/// Copies only the touched chunks into fresh lazily zeroed memory: cloning a sparse bitmap costs
+/// its dirty chunks, not its size.
+impl Clone for Bitmap {
+    fn clone(&self) -> Self {
+        let mut words = vec![0u64; self.words.len()];
+        for c in (0..self.chunks()).filter(|&c| self.is_touched(c)) {
+            let start = c * WORDS_PER_CHUNK;
+            let end = (start + WORDS_PER_CHUNK).min(words.len());
+            words[start..end].copy_from_slice(&self.words[start..end]);
+        }
+        Bitmap {
+            geom: self.geom,
+            words,
+            touched: self.touched.clone(),
+            tree: self.tree.clone(),
+        }
+    }
 }
 
 impl PartialEq for Bitmap {
@@ -304,6 +323,11 @@ impl Bitmap {
     pub fn apply_chunk_raw(&mut self, i: usize, raw: &[u8], or: bool) -> Result<(), DecodeError> {
         let words = self.chunk_words_for(i, raw)?;
         if !self.is_touched(i) {
+            if raw.iter().all(|b| *b == 0) {
+                // Zeros over zeros (a clean chunk loaded from the store): nothing changes, and
+                // the chunk's memory stays unmapped.
+                return Ok(());
+            }
             // All zero, so OR-ing is overwriting: write without reading (one fault per page
             // of a lazily zeroed bitmap, not a copy-on-write one).
             self.touch(i);

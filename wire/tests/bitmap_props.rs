@@ -242,6 +242,7 @@ enum Op {
     Apply(f64, u8, bool, u64),
     Install(f64, u8, u64),
     RoundTrip,
+    Clone,
 }
 
 fn ops() -> impl Strategy<Value = Vec<Op>> {
@@ -256,6 +257,7 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
             .prop_map(|(c, f, or, s)| Op::Apply(c, f, or, s)),
         2 => (frac, 0u8..3, any::<u64>()).prop_map(|(c, f, s)| Op::Install(c, f, s)),
         1 => Just(Op::RoundTrip),
+        1 => Just(Op::Clone),
     ];
     prop::collection::vec(op, 1..24)
 }
@@ -376,6 +378,7 @@ proptest! {
                     model[g.chunk_range(c)].copy_from_slice(&raw);
                 }
                 Op::RoundTrip => b = Bitmap::from_raw(g, &b.to_raw()).unwrap(),
+                Op::Clone => b = b.clone(),
             }
             prop_assert_eq!(&b.to_raw(), &model, "after {:?}", op);
             let count: u64 = model.iter().map(|x| u64::from(x.count_ones())).sum();
