@@ -208,7 +208,7 @@ fn root(ctx: &Ctx, a: RootArgs) -> Result<()> {
 
 fn quic(ctx: &Ctx, a: QuicArgs) -> Result<()> {
     use crate::transport::TransportOptions;
-    use crate::transport::bench::{Mode, bulk, ephemeral_cluster};
+    use crate::transport::bench::{Mode, bulk, ephemeral_cluster, pattern};
     let chunk = usize::try_from(a.chunk)
         .ok()
         .filter(|c| (1..=u32::MAX as usize).contains(c))
@@ -223,11 +223,13 @@ fn quic(ctx: &Ctx, a: QuicArgs) -> Result<()> {
         ..TransportOptions::default()
     };
     let modes = [Mode::Raw, Mode::RawBlake3, Mode::FramedBlake3];
+    let len = usize::try_from(a.bytes).map_err(|_| anyhow::anyhow!("--bytes too large"))?;
+    let data = bytes::Bytes::from(pattern(len));
     let mut rates: [Vec<f64>; 3] = Default::default();
     // Interleave the modes so drift (other load, thermal) hits all of them alike.
     for _ in 0..a.iterations.max(1) {
         for (i, mode) in modes.iter().enumerate() {
-            let run = rt.block_on(bulk(&ids[0], &ids[1], &opts, a.bytes, chunk, *mode))?;
+            let run = rt.block_on(bulk(&ids[0], &ids[1], &opts, data.clone(), chunk, *mode))?;
             rates[i].push(run.mib_per_s());
         }
     }

@@ -65,17 +65,18 @@ pub fn ephemeral_cluster(names: &[&str]) -> Result<Vec<TlsIdentity>, TransportEr
         .collect()
 }
 
-/// Move `bytes` from a client to a server endpoint over loopback in `mode`, written (and
-/// hashed) in pieces of `chunk` bytes. Must run inside a multi-threaded tokio runtime (sender
-/// and receiver run concurrently).
+/// Move `data` from a client to a server endpoint over loopback in `mode`, written (and
+/// hashed) in pieces of `chunk` bytes, each a slice of `data` (no copy). Must run inside a
+/// multi-threaded tokio runtime (sender and receiver run concurrently).
 pub async fn bulk(
     server_id: &TlsIdentity,
     client_id: &TlsIdentity,
     opts: &TransportOptions,
-    bytes: u64,
+    data: Bytes,
     chunk: usize,
     mode: Mode,
 ) -> Result<Run, TransportError> {
+    let bytes = data.len() as u64;
     let chunk = chunk.clamp(1, u32::MAX as usize);
     let server = Endpoint::server(
         SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
@@ -103,7 +104,6 @@ pub async fn bulk(
         })
     };
 
-    let data = Bytes::from(pattern(chunk));
     let conn = client.connect(addr, "localhost").await?;
     let start = Instant::now();
     let cpu_start = process_cpu_seconds();
@@ -113,7 +113,7 @@ pub async fn bulk(
     let mut index = 0u64;
     while sent < bytes {
         let n = (bytes - sent).min(chunk as u64) as usize;
-        let piece = data.slice(..n);
+        let piece = data.slice(sent as usize..sent as usize + n);
         match mode {
             Mode::Raw => s.send_payload(piece).await?,
             Mode::RawBlake3 => {
@@ -234,9 +234,9 @@ fn xor(acc: &mut [u8; 32], h: &[u8; 32]) {
     }
 }
 
-/// Incompressible-looking bytes (QUIC does not compress, but hashing all-zero pages could be
-/// unrealistically cache-friendly).
-fn pattern(len: usize) -> Vec<u8> {
+/// `len` incompressible-looking bytes to send (QUIC does not compress, but hashing all-zero
+/// pages could be unrealistically cache-friendly).
+pub fn pattern(len: usize) -> Vec<u8> {
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     (0..len)
         .map(|_| {

@@ -448,7 +448,8 @@ async fn bulk_bench_moves_and_verifies_bytes() {
     ] {
         for chunk in [bench::CHUNK, 64 << 10] {
             // Not a multiple of the chunk size, to exercise the partial last chunk.
-            let run = bench::bulk(&ids[0], &ids[1], &opts, (4 << 20) + 12345, chunk, mode)
+            let data = bytes::Bytes::from(bench::pattern((4 << 20) + 12345));
+            let run = bench::bulk(&ids[0], &ids[1], &opts, data, chunk, mode)
                 .await
                 .unwrap();
             assert_eq!(run.bytes, (4 << 20) + 12345);
