@@ -12,8 +12,11 @@
 use crate::transport::{FrameReader, FrameWriter, TransportError};
 use bytes::Bytes;
 use quinn::{ReadExactError, RecvStream};
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
 use wire::proto::{Action, FrameError, Incoming, MAX_FRAME, frame};
 
 /// What the reader task saw.
@@ -33,12 +36,12 @@ pub enum NetEvent {
 /// stream is reported as [`FrameError::Stalled`].
 pub fn spawn_reader(mut r: FrameReader) -> mpsc::Receiver<NetEvent> {
     let (tx, rx) = mpsc::channel(64);
-    let stall = r.limits().frame_stall;
+    let mut stall = StallClock::new(r.limits().frame_stall);
     tokio::spawn(async move {
         let q = r.quinn();
         let mut body = Vec::new();
         loop {
-            let (msg, ev) = match read_message(q, &mut body, stall).await {
+            let (msg, ev) = match read_message(q, &mut body, &mut stall).await {
                 Ok(m) => (m.payload_len(), NetEvent::Item(Incoming::Message(m))),
                 Err(ev) => {
                     let _ = tx.send(ev).await;
@@ -51,7 +54,7 @@ pub fn spawn_reader(mut r: FrameReader) -> mpsc::Receiver<NetEvent> {
             if msg > 0 {
                 // `decode_body` bounded the announced length by MAX_PAYLOAD.
                 let frame_len = frame::PREFIX + body.len();
-                let ev = match read_payload(q, msg, stall, frame_len).await {
+                let ev = match read_payload(q, msg, &mut stall, frame_len).await {
                     Ok(p) => NetEvent::Item(Incoming::Payload(p)),
                     Err(ev) => {
                         let _ = tx.send(ev).await;
@@ -67,11 +70,59 @@ pub fn spawn_reader(mut r: FrameReader) -> mpsc::Receiver<NetEvent> {
     rx
 }
 
+/// The frame-stall limit: inside a frame, every read must make progress within `limit`.
+///
+/// One timer per reader, re-armed only when it fires (then to the last progress + `limit`),
+/// instead of a fresh `timeout` around every read: a bulk chunk takes dozens of reads, and
+/// registering and cancelling a timer for each was measurable in `bench migrate`.
+struct StallClock {
+    limit: Duration,
+    last_progress: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl StallClock {
+    fn new(limit: Duration) -> Self {
+        StallClock {
+            limit,
+            last_progress: Instant::now(),
+            timer: Box::pin(tokio::time::sleep(limit)),
+        }
+    }
+
+    /// A frame begins: the limit counts from now.
+    fn start(&mut self) {
+        self.last_progress = Instant::now();
+    }
+
+    /// Run `read`; `None` if it made no progress within the limit (since the last progress).
+    async fn guard<T>(&mut self, read: impl Future<Output = T>) -> Option<T> {
+        tokio::pin!(read);
+        loop {
+            tokio::select! {
+                biased;
+                v = &mut read => {
+                    self.last_progress = Instant::now();
+                    return Some(v);
+                }
+                () = &mut self.timer => {
+                    let due = self.last_progress + self.limit;
+                    if Instant::now() >= due {
+                        return None;
+                    }
+                    // Progress since the timer was armed: wait for the rest.
+                    self.timer.as_mut().reset(due);
+                }
+            }
+        }
+    }
+}
+
 /// The next frame's message; `Err` with the event that ends the stream.
 async fn read_message(
     q: &mut RecvStream,
     body: &mut Vec<u8>,
-    stall: Duration,
+    stall: &mut StallClock,
 ) -> Result<wire::proto::Message, NetEvent> {
     let mut prefix = [0u8; frame::PREFIX];
     // Waiting for a frame to begin has no limit: a stream is quiet between rounds.
@@ -82,6 +133,7 @@ async fn read_message(
         }
         Err(e) => return Err(ended(e, 0)),
     }
+    stall.start();
     read_within(q, &mut prefix[1..], stall, 1).await?;
     let len = u32::from_le_bytes(prefix) as usize;
     if len > MAX_FRAME {
@@ -96,32 +148,32 @@ async fn read_message(
     frame::decode_body(body).map_err(NetEvent::Bad)
 }
 
-/// Fill `buf`, each read making progress within `stall` (`before`: bytes of this frame
-/// already received, for the error).
+/// Fill `buf`, each read making progress within the stall limit (`before`: bytes of this
+/// frame already received, for the error).
 async fn read_within(
     q: &mut RecvStream,
     buf: &mut [u8],
-    stall: Duration,
+    stall: &mut StallClock,
     before: usize,
 ) -> Result<(), NetEvent> {
     let mut got = 0;
     while got < buf.len() {
-        match tokio::time::timeout(stall, q.read(&mut buf[got..])).await {
-            Err(_) => return Err(stalled(before + got, stall)),
-            Ok(Ok(Some(n))) => got += n,
-            Ok(Ok(None)) => return Err(NetEvent::Bad(FrameError::Truncated(before + got))),
-            Ok(Err(e)) => return Err(NetEvent::Lost(e.to_string())),
+        match stall.guard(q.read(&mut buf[got..])).await {
+            None => return Err(stalled(before + got, stall.limit)),
+            Some(Ok(Some(n))) => got += n,
+            Some(Ok(None)) => return Err(NetEvent::Bad(FrameError::Truncated(before + got))),
+            Some(Err(e)) => return Err(NetEvent::Lost(e.to_string())),
         }
     }
     Ok(())
 }
 
 /// Exactly `len` bytes of payload, read into spare capacity (no zero-fill first: 64 KiB per
-/// bulk chunk), each read making progress within `stall`.
+/// bulk chunk), each read making progress within the stall limit.
 async fn read_payload(
     q: &mut RecvStream,
     len: usize,
-    stall: Duration,
+    stall: &mut StallClock,
     before: usize,
 ) -> Result<Vec<u8>, NetEvent> {
     use tokio::io::AsyncReadExt;
@@ -129,11 +181,11 @@ async fn read_payload(
     while p.len() < len {
         // `take` keeps the read from running past this payload into the next frame.
         let want = (len - p.len()) as u64;
-        match tokio::time::timeout(stall, (&mut *q).take(want).read_buf(&mut p)).await {
-            Err(_) => return Err(stalled(before + p.len(), stall)),
-            Ok(Ok(0)) => return Err(NetEvent::Bad(FrameError::Truncated(before + p.len()))),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(NetEvent::Lost(e.to_string())),
+        match stall.guard((&mut *q).take(want).read_buf(&mut p)).await {
+            None => return Err(stalled(before + p.len(), stall.limit)),
+            Some(Ok(0)) => return Err(NetEvent::Bad(FrameError::Truncated(before + p.len()))),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(NetEvent::Lost(e.to_string())),
         }
     }
     Ok(p)
@@ -172,5 +224,44 @@ pub async fn send(w: &mut FrameWriter, a: Action) -> Result<(), TransportError> 
             what: "the peer to read what was sent",
             after: stall,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_stall_limit_counts_from_the_last_progress_not_the_frame_start() {
+        let limit = Duration::from_secs(10);
+        let mut clock = StallClock::new(limit);
+        // A long quiet spell between frames leaves the timer armed in the past.
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        clock.start();
+        // Five reads of 6 s each: 30 s inside one frame, never 10 s without progress.
+        for _ in 0..5 {
+            let read = tokio::time::sleep(Duration::from_secs(6));
+            assert_eq!(clock.guard(read).await, Some(()));
+        }
+        // Then no progress at all: given up once the limit has passed since the last read.
+        let t = Instant::now();
+        assert_eq!(clock.guard(std::future::pending::<()>()).await, None);
+        let waited = t.elapsed();
+        assert!(
+            waited >= limit && waited < limit + Duration::from_millis(5),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_that_starts_after_a_quiet_spell_gets_the_whole_limit() {
+        let limit = Duration::from_secs(10);
+        let mut clock = StallClock::new(limit);
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        clock.start();
+        // The timer was armed at creation (due at 10 s); the frame started at 9 s and a read of
+        // 8 s is within its limit.
+        let read = tokio::time::sleep(Duration::from_secs(8));
+        assert_eq!(clock.guard(read).await, Some(()));
     }
 }
