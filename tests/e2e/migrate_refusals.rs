@@ -1,5 +1,6 @@
 //! Migrations the destination agent must refuse: a client certificate from another CA, a disk
-//! it was not told to expect (or not from this peer), a stale epoch, and a rogue source speaking
+//! it was not told to expect (or not from this peer), a stale epoch (also at a host that retired
+//! its copy of the disk), and a rogue source speaking
 //! an unknown protocol version, sending a chunk that does not match its hash, or announcing a
 //! 1 GiB frame, or stalling inside a frame. Each must fail with an error the operator can see,
 //! leave both stores exactly as they were, and leave the agents running. And a source that goes
@@ -219,6 +220,18 @@ fn stale_epoch_is_refused() {
     let st = c.json(&["bitmap", "show", "--disk", DISK]);
     assert_eq!(st["epoch"], 1);
     assert_eq!(st["state"], "recording", "{st}");
+    // A retired its copy when B took the disk at epoch 2, and remembers that epoch: C's stale
+    // copy at epoch 1 is refused there too, though A holds no bitmap for the disk any more
+    // (without the retirement record A would accept it and become a second owner).
+    no_disk(&a);
+    a.json(&["expect", "--disk", DISK, "--from", "host-c"]);
+    assert_refused(
+        &c,
+        &a,
+        "older than epoch 2, to which this host handed the disk over",
+        "older than epoch 2, to which this host handed the disk over",
+    );
+    no_disk(&a);
 }
 
 /// A source written with the library that sends whatever bytes a test wants.

@@ -150,10 +150,12 @@ impl AgentState {
         Ok(())
     }
 
-    /// The destination owns `disk` now: forget the local copy, in memory and in the store.
-    pub fn retire(&mut self, disk: &DiskId) -> Result<(), StoreError> {
+    /// The destination owns `disk` at `epoch` now: record that (offers below `epoch` are stale
+    /// from then on, `agent/src/store/retired.rs`), then forget the local copy, in memory and
+    /// in the store.
+    pub fn retire(&mut self, disk: &DiskId, epoch: u64) -> Result<(), StoreError> {
         self.disks.remove(disk);
-        self.store.remove(disk)
+        self.store.retire(disk, epoch)
     }
 
     /// Undo a destination commit that could not be completed, if the disk is held at `epoch`

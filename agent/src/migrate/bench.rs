@@ -143,6 +143,7 @@ pub async fn migrate(
             disk: disk.clone(),
             from: Some(src_id.name().to_string()),
             owned_epoch: None,
+            retired_at: None,
         }],
         allow_postcopy: true,
     };
@@ -570,6 +571,7 @@ pub fn sessions_only_bulk_seconds(bitmap: Bitmap) -> Result<(f64, f64), BenchErr
             disk,
             from: Some("bench-src".into()),
             owned_epoch: None,
+            retired_at: None,
         }],
         allow_postcopy: true,
     });

@@ -47,6 +47,14 @@ fn policy(shared: &Shared, peer: &str) -> DestPolicy {
             // The TLS identity was checked above; the session compares it with Hello's host.
             from: Some(peer.to_string()),
             owned_epoch: st.disks.get(&e.disk).map(|t| t.meta.epoch),
+            retired_at: match st.store.retired_at(&e.disk) {
+                Ok(r) => r,
+                Err(err) => {
+                    // Cannot tell which epochs are stale: refuse every offer for the disk.
+                    tracing::error!(disk = %e.disk, error = %err, "refusing offers");
+                    Some(u64::MAX)
+                }
+            },
         })
         .collect();
     DestPolicy {

@@ -379,7 +379,7 @@ impl Task {
 
     fn retire(&self, disk: &DiskId, epoch: u64) -> Result<()> {
         let mut st = self.shared.lock().expect("state lock");
-        st.retire(disk)?;
+        st.retire(disk, epoch)?;
         tracing::info!(%disk, epoch, "destination owns the disk; local copy retired");
         Ok(())
     }

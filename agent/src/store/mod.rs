@@ -6,6 +6,7 @@
 //! left `recording` by a process that died.
 
 pub mod format;
+pub mod retired;
 pub mod storage;
 
 pub use format::{FormatError, Meta};

@@ -63,6 +63,7 @@ impl World {
                     disk: self.disk.clone(),
                     from: Some(self.hosts[s].name.clone()),
                     owned_epoch: self.hosts[d].role.owner_epoch(),
+                    retired_at: None,
                 }],
                 allow_postcopy: true,
             };

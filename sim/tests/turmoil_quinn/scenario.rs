@@ -494,6 +494,7 @@ async fn destination(
             disk: DiskId::new("vm-disk0")?,
             from: Some(conn.peer_name().to_string()),
             owned_epoch: None,
+            retired_at: None,
         }],
         allow_postcopy: true,
     });

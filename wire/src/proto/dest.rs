@@ -27,6 +27,10 @@ pub struct Expectation {
     /// The epoch at which this host already owns the disk, if it does: offers at that epoch or
     /// older are refused (docs/protocol.md §6).
     pub owned_epoch: Option<u64>,
+    /// The epoch at which this host handed the disk over to another host, if it ever did (its
+    /// retirement record): offers *below* it come from a stale copy and are refused. An offer
+    /// at that epoch is the owner's own (docs/protocol.md §6).
+    pub retired_at: Option<u64>,
 }
 
 /// The destination agent's authorization decision, supplied up front.
@@ -376,6 +380,17 @@ impl DestSession {
         {
             let d = format!(
                 "offered epoch {} is not newer than the epoch {owned} owned here",
+                o.epoch
+            );
+            self.refuse(RefuseReason::StaleEpoch, d, None);
+            return;
+        }
+        if let Some(retired) = exp.retired_at
+            && o.epoch < retired
+        {
+            let d = format!(
+                "offered epoch {} is older than epoch {retired}, to which this host handed the \
+                 disk over: the offer comes from a stale copy",
                 o.epoch
             );
             self.refuse(RefuseReason::StaleEpoch, d, None);

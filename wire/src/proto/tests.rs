@@ -47,6 +47,7 @@ fn policy(owned: Option<u64>) -> DestPolicy {
             disk: disk(),
             from: None,
             owned_epoch: owned,
+            retired_at: None,
         }],
         allow_postcopy: true,
     }
@@ -612,10 +613,34 @@ fn refuses_a_disk_it_was_not_told_to_expect() {
 
 #[test]
 fn refuses_offers_at_or_below_the_owned_epoch() {
-    for (offered, owned, ok) in [(5, 5, false), (4, 5, false), (6, 5, true)] {
+    refuses_stale_offers(
+        |owned| policy(Some(owned)),
+        &[(5, 5, false), (4, 5, false), (6, 5, true)],
+    );
+}
+
+#[test]
+fn refuses_offers_below_the_epoch_this_host_handed_the_disk_over_to() {
+    // Retired at 5: the owner at 5 (or later) may offer the disk back; 4 is a stale copy.
+    let retired = |at| {
+        let mut p = policy(None);
+        p.expected[0].retired_at = Some(at);
+        p
+    };
+    refuses_stale_offers(
+        retired,
+        &[(4, 5, false), (1, 5, false), (5, 5, true), (6, 5, true)],
+    );
+}
+
+/// For each `(offered, epoch, accepted)`: an offer at `offered` to a destination whose policy
+/// `policy(epoch)` builds is accepted and migrates, or is refused as stale with nothing
+/// committed and the source still the owner.
+fn refuses_stale_offers(policy: impl Fn(u64) -> DestPolicy, cases: &[(u64, u64, bool)]) {
+    for &(offered, owned, ok) in cases {
         let mut p = Pump::new(
             source(Bitmap::new(geom()), offered, Mode::Precopy),
-            DestSession::new(policy(Some(owned))),
+            DestSession::new(policy(owned)),
         );
         p.run();
         if ok {
