@@ -4,6 +4,7 @@
 mod common;
 
 mod agent_control;
+mod bench_cli;
 mod bitmap_cli;
 mod cert;
 mod demo;

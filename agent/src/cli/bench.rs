@@ -7,7 +7,7 @@ use super::units::{human, parse_size};
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use rand::{Rng, SeedableRng};
-use serde_json::json;
+use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use wire::{Bitmap, Geometry};
 
@@ -119,8 +119,18 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<()> {
                 dense_bytes: a.dense_bytes,
                 iterations: a.iterations,
                 seed: a.seed,
+                progress: if ctx.json {
+                    |_| {}
+                } else {
+                    |m| eprintln!("… {m}")
+                },
             };
-            print(ctx.json, &crate::migrate::bench::run(&p)?);
+            let v = crate::migrate::bench::run(&p)?;
+            if ctx.json {
+                print(true, &v);
+            } else {
+                migrate_text(&v);
+            }
             Ok(())
         }
         BenchCmd::Rebuild(a) => {
@@ -263,4 +273,74 @@ fn quic(ctx: &Ctx, a: QuicArgs) -> Result<()> {
         }),
     );
     Ok(())
+}
+
+/// `bench migrate` for people: the switchover table and the bulk figures with their targets.
+fn migrate_text(v: &Value) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let n = |x: &Value| x.as_u64().unwrap_or(0);
+    let f = |x: &Value| x.as_f64().unwrap_or(f64::NAN);
+    let mark = |ok: &Value| if ok == true { "met" } else { "MISSED" };
+    let _ = writeln!(
+        o,
+        "Switchover (VM paused): bytes sent by bitferry vs QEMU's stop-and-copy of the same bitmap"
+    );
+    let _ = writeln!(
+        o,
+        "  {:>8}  {:>8}  {:>6}  {:>12}  {:>13}  {:>13}  {:>9}  target ≤ 256 KiB",
+        "disk", "bitmap", "rounds", "bytes total", "at switchover", "QEMU", "QEMU / us"
+    );
+    for s in v["switchover"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "  {:>8}  {:>8}  {:>6}  {:>12}  {:>13}  {:>13}  {:>8.0}×  {}",
+            human(n(&s["size"])),
+            human(n(&s["bitmap_bytes"])),
+            n(&s["rounds"]),
+            n(&s["bytes_total"]),
+            n(&s["bytes_during_switchover"]),
+            n(&s["qemu_stop_copy_bytes"]),
+            f(&s["ratio_qemu_over_bitferry"]),
+            mark(&s["meets_target"]),
+        );
+    }
+    let b = &v["bulk"];
+    let _ = writeln!(
+        o,
+        "\nDense bulk: a {} bitmap of random bytes, every chunk's hash and the root verified",
+        human(n(&b["bitmap_bytes"]))
+    );
+    let _ = writeln!(
+        o,
+        "  migration  {:.3} s  {:>5.0} MiB/s  {:.2} CPU-s   (medians of {} runs)",
+        f(&b["bulk_seconds"]),
+        f(&b["mib_s"]),
+        f(&b["cpu_seconds"]),
+        n(&b["iterations"])
+    );
+    let _ = writeln!(
+        o,
+        "  raw quinn  {:.3} s  {:>5.0} MiB/s  {:.2} CPU-s   (same bytes, receiver only counts)",
+        f(&b["baseline_seconds"]),
+        f(&b["baseline_mib_s"]),
+        f(&b["baseline_cpu_seconds"])
+    );
+    let _ = writeln!(
+        o,
+        "  ratio {:.2} (median of paired runs; target ≥ {:.1}: {}); ratio of medians {:.2}; \
+         CPU ratio {:.2}",
+        f(&b["ratio"]),
+        f(&b["target_ratio_at_least"]),
+        mark(&b["meets_target"]),
+        f(&b["ratio_of_medians"]),
+        f(&b["cpu_ratio"])
+    );
+    let _ = writeln!(
+        o,
+        "  sessions alone (no network): {:.3} s, of which the source {:.3} s",
+        f(&b["sessions_only_seconds"]),
+        f(&b["sessions_only_source_seconds"])
+    );
+    let _ = writeln!(o, "\n{}", v["summary"].as_str().unwrap_or_default());
 }

@@ -396,6 +396,8 @@ pub struct Params {
     pub iterations: usize,
     /// RNG seed.
     pub seed: u64,
+    /// Told what is being measured as the run goes (the CLI prints it to stderr).
+    pub progress: fn(&str),
 }
 
 /// Switchover bytes must stay at or below this, whatever the disk size.
@@ -426,6 +428,11 @@ pub fn run(p: &Params) -> Result<serde_json::Value, BenchError> {
 
     let mut scenarios = Vec::new();
     for &size in &p.sizes {
+        (p.progress)(&format!(
+            "switchover scenario: {} disk, {} granularity",
+            crate::cli::units::human(size),
+            crate::cli::units::human(p.granularity)
+        ));
         let geom = Geometry::new(size, p.granularity).map_err(|e| bad(e.to_string()))?;
         let f = rt.block_on(switchover_scenario(&ids, &opts, geom, p.marks, p.seed))?;
         let sw = f.run.source.bytes_during_switchover;
@@ -462,6 +469,11 @@ pub fn run(p: &Params) -> Result<serde_json::Value, BenchError> {
     let mut last = None;
     // Interleaved, so drift in the shared machine's load hits both alike.
     for i in 0..p.iterations.max(1) {
+        (p.progress)(&format!(
+            "dense bulk: iteration {} of {} (raw quinn, then the migration)",
+            i + 1,
+            p.iterations.max(1)
+        ));
         // The same bytes both ways: raw quinn sends the bitmap's raw form.
         let bytes = dense_raw(geom, p.seed + i as u64);
         let data = bytes::Bytes::from(bytes.clone());
@@ -487,6 +499,7 @@ pub fn run(p: &Params) -> Result<serde_json::Value, BenchError> {
     let ratio = med(&paired);
     let (mig_cpu_s, raw_cpu_s) = (med(&mig_cpu), med(&raw_cpu));
     // The same bulk with no network at all: what the sessions themselves cost.
+    (p.progress)("dense bulk: the sessions alone, no network");
     let (mem_s, mem_src_s) = {
         let b = Bitmap::from_raw(geom, &dense_raw(geom, p.seed)).map_err(|e| bad(e.to_string()))?;
         sessions_only_bulk_seconds(b)?
