@@ -398,6 +398,35 @@ impl Bitmap {
         tree.refresh(|i, buf| chunk_bytes(*geom, words, touched, i, buf))
     }
 
+    /// The root `self ∪ other` would have, without building it: `self`'s cached chunk hashes
+    /// except for the chunks where `other` has a set bit, which are hashed from the union of
+    /// both. The migration source computes the post-copy final root this way while the VM is
+    /// paused (a clone of a 128 MiB bitmap plus a merge took ~85 ms there).
+    pub fn union_root(&mut self, other: &Bitmap) -> Result<Root, GeometryMismatch> {
+        if self.geom != other.geom {
+            return Err(GeometryMismatch {
+                ours: self.geom,
+                theirs: other.geom,
+            });
+        }
+        self.root();
+        let mut tree = self.tree.clone();
+        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+        let mut union = |i: usize, buf: &mut Vec<u8>| {
+            chunk_bytes(self.geom, &self.words, &self.touched, i, buf);
+            chunk_bytes(other.geom, &other.words, &other.touched, i, &mut theirs);
+            for (a, b) in buf.iter_mut().zip(&theirs) {
+                *a |= *b;
+            }
+        };
+        for c in (0..self.chunks()).filter(|&c| !other.chunk_is_clean(c)) {
+            union(c, &mut mine);
+            tree.set_leaf(c, crate::tree::chunk_cv(c, &mine));
+        }
+        // Every leaf is fresh now; `union` is only asked for the whole of a one-chunk bitmap.
+        Ok(tree.refresh(union))
+    }
+
     /// Chunk `i`'s chaining value ([`crate::tree::chunk_cv`] of [`Bitmap::chunk_raw`]): the
     /// cached one when the chunk has not changed since it was last hashed, else computed from
     /// `raw`, which the caller has just filled with the chunk's bytes. Saves the migration

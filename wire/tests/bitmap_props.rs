@@ -404,3 +404,26 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    /// The root of a union computed without building it (the post-copy final root) equals the
+    /// root of the built union and BLAKE3 of its raw bytes, and leaves both bitmaps unchanged.
+    #[test]
+    fn union_root_is_the_root_of_the_union(g in geometry(), ms in marks(), ms2 in marks()) {
+        let mut a = bitmap_of(g, &ms);
+        let b = bitmap_of(g, &ms2);
+        let (a0, b0) = (a.clone(), b.clone());
+        let mut built = a.clone();
+        built.merge(&b).unwrap();
+        let got = a.union_root(&b).unwrap();
+        prop_assert_eq!(got, built.root());
+        prop_assert_eq!(got.0, *blake3::hash(&built.to_raw()).as_bytes());
+        prop_assert_eq!(&a, &a0);
+        prop_assert_eq!(&b, &b0);
+        prop_assert_eq!(a.root().0, *blake3::hash(&a0.to_raw()).as_bytes());
+        let other = Bitmap::new(Geometry::new(g.size() + g.granularity(), g.granularity()).unwrap());
+        prop_assert!(a.union_root(&other).is_err());
+    }
+}

@@ -623,9 +623,10 @@ impl SourceSession {
         let final_root = if postcopy {
             // Blocks marked again after they were sent need no chunk of their own.
             let _ = self.pending.subtract(&self.sent);
-            let mut live = self.sent.clone();
-            let _ = live.merge(&self.pending);
-            live.root()
+            // No copy of the bitmap while the VM waits.
+            self.sent
+                .union_root(&self.pending)
+                .expect("sent and pending both have the offered geometry")
         } else {
             self.queue_deltas(self.round);
             self.sent.root()
