@@ -43,9 +43,8 @@ impl Clone for Bitmap {
     fn clone(&self) -> Self {
         let mut words = vec![0u64; self.words.len()];
         for c in (0..self.chunks()).filter(|&c| self.is_touched(c)) {
-            let start = c * WORDS_PER_CHUNK;
-            let end = (start + WORDS_PER_CHUNK).min(words.len());
-            words[start..end].copy_from_slice(&self.words[start..end]);
+            let r = chunk_word_range(c, words.len());
+            words[r.clone()].copy_from_slice(&self.words[r]);
         }
         Bitmap {
             geom: self.geom,
@@ -156,9 +155,20 @@ impl Bitmap {
         (0..self.chunks()).all(|c| self.chunk_is_clean(c))
     }
 
+    /// `Ok` if `other` covers the same disk geometry, so the two can be combined word by word.
+    fn same_geometry(&self, other: &Bitmap) -> Result<(), GeometryMismatch> {
+        if self.geom == other.geom {
+            return Ok(());
+        }
+        Err(GeometryMismatch {
+            ours: self.geom,
+            theirs: other.geom,
+        })
+    }
+
     /// Whether chunk `c` may hold a set bit (if not, all its words are zero).
     fn is_touched(&self, c: usize) -> bool {
-        self.touched[c / 64] >> (c % 64) & 1 == 1
+        in_summary(&self.touched, c)
     }
 
     /// Record that chunk `c` may hold a set bit; call before writing any of its words.
@@ -181,23 +191,15 @@ impl Bitmap {
         zero_stays: bool,
         op: impl Fn(u64, u64) -> u64,
     ) -> Result<(), GeometryMismatch> {
-        if self.geom != other.geom {
-            return Err(GeometryMismatch {
-                ours: self.geom,
-                theirs: other.geom,
-            });
-        }
+        self.same_geometry(other)?;
         for c in 0..self.chunks() {
             if !other.is_touched(c) || (zero_stays && !self.is_touched(c)) {
                 continue;
             }
-            let start = c * WORDS_PER_CHUNK;
-            let end = (start + WORDS_PER_CHUNK).min(self.words.len());
+            let r = chunk_word_range(c, self.words.len());
             let mut changed = false;
             let was_touched = self.is_touched(c);
-            let pairs = self.words[start..end]
-                .iter_mut()
-                .zip(&other.words[start..end]);
+            let pairs = self.words[r.clone()].iter_mut().zip(&other.words[r]);
             if was_touched {
                 for (a, b) in pairs {
                     let w = op(*a, *b);
@@ -211,7 +213,7 @@ impl Bitmap {
                     changed |= *a != 0;
                 }
             }
-            self.touched[c / 64] |= 1 << (c % 64);
+            self.touch(c);
             if changed {
                 self.tree.invalidate(c);
             }
@@ -247,10 +249,9 @@ impl Bitmap {
         if i >= self.chunks() || !self.is_touched(i) {
             return;
         }
-        let start = i * WORDS_PER_CHUNK;
-        let end = (start + WORDS_PER_CHUNK).min(self.words.len());
-        if self.words[start..end].iter().any(|w| *w != 0) {
-            self.words[start..end].fill(0);
+        let r = chunk_word_range(i, self.words.len());
+        if self.words[r.clone()].iter().any(|w| *w != 0) {
+            self.words[r].fill(0);
             self.tree.invalidate(i);
         }
         self.touched[i / 64] &= !(1 << (i % 64));
@@ -304,8 +305,7 @@ impl Bitmap {
     }
 
     fn chunk_words(&self, i: usize) -> &[u64] {
-        let start = i * WORDS_PER_CHUNK;
-        &self.words[start..(start + WORDS_PER_CHUNK).min(self.words.len())]
+        &self.words[chunk_word_range(i, self.words.len())]
     }
 
     /// Replace `buf` with chunk `i`'s raw bytes.
@@ -403,12 +403,7 @@ impl Bitmap {
     /// both. The migration source computes the post-copy final root this way while the VM is
     /// paused (a clone of a 128 MiB bitmap plus a merge took ~85 ms there).
     pub fn union_root(&mut self, other: &Bitmap) -> Result<Root, GeometryMismatch> {
-        if self.geom != other.geom {
-            return Err(GeometryMismatch {
-                ours: self.geom,
-                theirs: other.geom,
-            });
-        }
+        self.same_geometry(other)?;
         self.root();
         let mut tree = self.tree.clone();
         let (mut mine, mut theirs) = (Vec::new(), Vec::new());
@@ -453,16 +448,22 @@ impl Bitmap {
     }
 }
 
+/// Whether chunk `c` is in a `touched` summary (may hold a set bit).
+fn in_summary(touched: &[u64], c: usize) -> bool {
+    touched[c / 64] >> (c % 64) & 1 == 1
+}
+
+/// The indices into a bitmap's `n_words` words that chunk `c` covers.
+fn chunk_word_range(c: usize, n_words: usize) -> std::ops::Range<usize> {
+    let start = c * WORDS_PER_CHUNK;
+    start..(start + WORDS_PER_CHUNK).min(n_words)
+}
+
 /// Replace `buf` with chunk `i`'s raw bytes; an untouched chunk is zeros, its memory unread.
 fn chunk_bytes(geom: Geometry, words: &[u64], touched: &[u64], i: usize, buf: &mut Vec<u8>) {
     let len = geom.chunk_range(i).len();
-    if touched[i / 64] >> (i % 64) & 1 == 1 {
-        let start = i * WORDS_PER_CHUNK;
-        write_le(
-            &words[start..(start + WORDS_PER_CHUNK).min(words.len())],
-            len,
-            buf,
-        );
+    if in_summary(touched, i) {
+        write_le(&words[chunk_word_range(i, words.len())], len, buf);
     } else {
         buf.clear();
         buf.resize(len, 0);
@@ -597,7 +598,7 @@ impl Runs<'_> {
     }
 
     fn is_touched(&self, c: usize) -> bool {
-        self.touched[c / 64] >> (c % 64) & 1 == 1
+        in_summary(self.touched, c)
     }
 
     /// Word `w`; zero, unread, in an untouched chunk.

@@ -436,11 +436,6 @@ impl DestSession {
         self.phase = Phase::Receiving;
     }
 
-    /// The source's copy as received.
-    fn src(&mut self) -> Option<&mut Bitmap> {
-        self.src.as_mut()
-    }
-
     fn check_round(&mut self, got: u32) -> bool {
         if got != self.round {
             self.fail(
@@ -531,7 +526,7 @@ impl DestSession {
         match self.payload.take() {
             Some(Pending::Chunk(h)) => self.apply_chunk(h, bytes),
             Some(Pending::Delta(h)) => {
-                let Some(src) = self.src() else {
+                let Some(src) = self.src.as_mut() else {
                     return Ok(());
                 };
                 match delta::apply(src, h.base, h.encoding, bytes) {
@@ -587,7 +582,7 @@ impl DestSession {
         if chunk_cv(index, &raw) != h.cv {
             return Err("content does not match its hash".into());
         }
-        let Some(src) = self.src() else {
+        let Some(src) = self.src.as_mut() else {
             return Ok(false);
         };
         // `h.cv` was just checked against `raw`: the round's root need not hash it again.
@@ -606,7 +601,7 @@ impl DestSession {
         if !self.check_round(round) {
             return;
         }
-        let Some(got) = self.src().map(|s| s.root()) else {
+        let Some(got) = self.src.as_mut().map(|s| s.root()) else {
             return;
         };
         if self.phase == Phase::PostCopy {
@@ -654,7 +649,7 @@ impl DestSession {
             // docs/protocol.md §5.5: the VM resumes here now, so this host owns the disk from
             // this moment whatever follows; the bitmap stays incomplete until verified.
             self.final_root = Some(s.final_root);
-            self.live = self.src().cloned();
+            self.live = self.src.clone();
             self.adopt_early();
             self.round += 1;
             self.phase = Phase::PostCopy;
@@ -707,7 +702,7 @@ impl DestSession {
             );
             return;
         }
-        let Some(got) = self.src().map(|b| b.root()) else {
+        let Some(got) = self.src.as_mut().map(|b| b.root()) else {
             return;
         };
         if got != s.final_root {
