@@ -134,7 +134,7 @@ async fn read_message(
         Err(e) => return Err(ended(e, 0)),
     }
     stall.start();
-    read_within(q, &mut prefix[1..], stall, 1).await?;
+    fill(q, &mut prefix[1..], frame::PREFIX - 1, stall, 1).await?;
     let len = u32::from_le_bytes(prefix) as usize;
     if len > MAX_FRAME {
         return Err(NetEvent::Bad(FrameError::Oversized {
@@ -143,51 +143,45 @@ async fn read_message(
         }));
     }
     body.clear();
-    body.resize(len, 0);
-    read_within(q, body, stall, frame::PREFIX).await?;
+    body.reserve(len);
+    fill(q, &mut *body, len, stall, frame::PREFIX).await?;
     frame::decode_body(body).map_err(NetEvent::Bad)
 }
 
-/// Fill `buf`, each read making progress within the stall limit (`before`: bytes of this
-/// frame already received, for the error).
-async fn read_within(
+/// Read exactly `len` bytes into `buf` (a slice, or a `Vec`'s spare capacity: no zero-fill
+/// first, 64 KiB per bulk chunk), each read making progress within the stall limit
+/// (`before`: bytes of this frame already received, for the error).
+async fn fill(
     q: &mut RecvStream,
-    buf: &mut [u8],
+    mut buf: impl bytes::BufMut,
+    len: usize,
     stall: &mut StallClock,
     before: usize,
 ) -> Result<(), NetEvent> {
+    use tokio::io::AsyncReadExt;
     let mut got = 0;
-    while got < buf.len() {
-        match stall.guard(q.read(&mut buf[got..])).await {
+    while got < len {
+        // `take` keeps the read from running past this item into the next one.
+        let want = (len - got) as u64;
+        match stall.guard((&mut *q).take(want).read_buf(&mut buf)).await {
             None => return Err(stalled(before + got, stall.limit)),
-            Some(Ok(Some(n))) => got += n,
-            Some(Ok(None)) => return Err(NetEvent::Bad(FrameError::Truncated(before + got))),
+            Some(Ok(0)) => return Err(NetEvent::Bad(FrameError::Truncated(before + got))),
+            Some(Ok(n)) => got += n,
             Some(Err(e)) => return Err(NetEvent::Lost(e.to_string())),
         }
     }
     Ok(())
 }
 
-/// Exactly `len` bytes of payload, read into spare capacity (no zero-fill first: 64 KiB per
-/// bulk chunk), each read making progress within the stall limit.
+/// Exactly `len` bytes of payload (see [`fill`]).
 async fn read_payload(
     q: &mut RecvStream,
     len: usize,
     stall: &mut StallClock,
     before: usize,
 ) -> Result<Vec<u8>, NetEvent> {
-    use tokio::io::AsyncReadExt;
     let mut p = Vec::with_capacity(len);
-    while p.len() < len {
-        // `take` keeps the read from running past this payload into the next frame.
-        let want = (len - p.len()) as u64;
-        match stall.guard((&mut *q).take(want).read_buf(&mut p)).await {
-            None => return Err(stalled(before + p.len(), stall.limit)),
-            Some(Ok(0)) => return Err(NetEvent::Bad(FrameError::Truncated(before + p.len()))),
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(NetEvent::Lost(e.to_string())),
-        }
-    }
+    fill(q, &mut p, len, stall, before).await?;
     Ok(p)
 }
 
