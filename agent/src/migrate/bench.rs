@@ -475,12 +475,18 @@ pub fn run(p: &Params) -> Result<serde_json::Value, BenchError> {
             p.iterations.max(1)
         ));
         // The same bytes both ways: raw quinn sends the bitmap's raw form.
-        let bytes = dense_raw(geom, p.seed + i as u64);
-        let data = bytes::Bytes::from(bytes.clone());
-        let r = rt.block_on(bulk(&ids[0], &ids[1], &opts, data, CHUNK, Mode::Raw))?;
+        let data = bytes::Bytes::from(dense_raw(geom, p.seed + i as u64));
+        let r = rt.block_on(bulk(
+            &ids[0],
+            &ids[1],
+            &opts,
+            data.clone(),
+            CHUNK,
+            Mode::Raw,
+        ))?;
         raw.push(r.seconds);
         raw_cpu.push(r.cpu_seconds);
-        let m = rt.block_on(dense_bulk(&ids, &opts, geom, &bytes))?;
+        let m = rt.block_on(dense_bulk(&ids, &opts, geom, &data))?;
         mig.push(m.bulk_seconds);
         mig_cpu.push(m.bulk_cpu_seconds);
         whole.push(m.seconds);
