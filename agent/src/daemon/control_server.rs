@@ -71,19 +71,11 @@ async fn connection(s: UnixStream, shared: Shared, net: Arc<Net>, stop: Arc<Noti
             Ok(Request::Mark { disk, ranges }) => to_response(mark(&shared, disk, ranges).await),
             Ok(req) => {
                 let shutdown = matches!(req, Request::Shutdown);
-                let shared = shared.clone();
-                // Requests may touch the disk (commits, exports): keep them off the reactor.
-                let r = tokio::task::spawn_blocking(move || {
-                    shared.lock().expect("state lock").execute(req)
-                })
-                .await;
+                let r = locked(&shared, move |st| st.execute(req)).await;
                 if shutdown {
                     stop.notify_one();
                 }
-                match r {
-                    Ok(r) => to_response(r),
-                    Err(e) => error(&format!("request panicked: {e}"), 1),
-                }
+                to_response(r)
             }
         };
         if reply(&mut w, resp).await.is_err() {
@@ -101,19 +93,24 @@ async fn mark(
     disk: wire::DiskId,
     ranges: Vec<(u64, u64)>,
 ) -> anyhow::Result<serde_json::Value> {
-    let st = shared.clone();
     let d = disk.clone();
-    let (report, durable_pending) =
-        tokio::task::spawn_blocking(move || st.lock().expect("state lock").mark(&d, &ranges))
-            .await
-            .map_err(|e| anyhow::anyhow!("request panicked: {e}"))??;
+    let (report, durable_pending) = locked(shared, move |st| st.mark(&d, &ranges)).await?;
     if durable_pending {
-        let st = shared.clone();
-        tokio::task::spawn_blocking(move || st.lock().expect("state lock").make_durable(&disk))
-            .await
-            .map_err(|e| anyhow::anyhow!("request panicked: {e}"))??;
+        locked(shared, move |st| st.make_durable(&disk)).await?;
     }
     Ok(report)
+}
+
+/// Run `f` on the agent state under its lock, off the reactor: requests may touch the disk
+/// (commits, exports). A panic in `f` is reported as the request's error.
+async fn locked<T: Send + 'static>(
+    shared: &Shared,
+    f: impl FnOnce(&mut super::state::AgentState) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || f(&mut shared.lock().expect("state lock")))
+        .await
+        .map_err(|e| anyhow::anyhow!("request panicked: {e}"))?
 }
 
 async fn start_migration(
