@@ -88,11 +88,30 @@ async fn serve(config: Config) -> Result<()> {
         let every = Duration::from_millis(config.flush_interval_ms);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            // A full or failing store fails every flush until it recovers: say so when it
+            // starts, every minute while it lasts, and when it ends (the marks stay in memory
+            // and are retried; nothing is dropped).
+            let mut failing_since: Option<tokio::time::Instant> = None;
+            let mut last_said = tokio::time::Instant::now();
             loop {
                 tick.tick().await;
                 let r = shared.lock().expect("state lock").flush();
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "flushing the store failed");
+                match (r, failing_since) {
+                    (Ok(()), Some(since)) => {
+                        tracing::info!(after = ?since.elapsed(), "the store accepts commits again; every held mark is written");
+                        failing_since = None;
+                    }
+                    (Ok(()), None) => {}
+                    (Err(e), None) => {
+                        tracing::error!(error = %format!("{e:#}"), "flushing the store failed; marks are kept in memory and retried");
+                        failing_since = Some(tokio::time::Instant::now());
+                        last_said = tokio::time::Instant::now();
+                    }
+                    (Err(e), Some(since)) if last_said.elapsed() >= Duration::from_secs(60) => {
+                        tracing::error!(error = %format!("{e:#}"), failing_for = ?since.elapsed(), "the store still fails; marks are kept in memory");
+                        last_said = tokio::time::Instant::now();
+                    }
+                    (Err(_), Some(_)) => {}
                 }
             }
         })
