@@ -11,6 +11,7 @@ mod demo;
 mod migrate;
 mod migrate_refusals;
 mod qcow2;
+mod qemu_clients;
 mod rebuild;
 mod rebuild_agent;
 mod store_crash;
