@@ -12,6 +12,7 @@ mod full_store;
 mod migrate;
 mod migrate_refusals;
 mod qcow2;
+mod qemu_clients;
 mod rebuild;
 mod rebuild_agent;
 mod store_crash;
