@@ -29,9 +29,16 @@ pub struct Expectation {
     pub owned_epoch: Option<u64>,
     /// The epoch at which this host handed the disk over to another host, if it ever did (its
     /// retirement record): offers *below* it come from a stale copy and are refused. An offer
-    /// at that epoch is the owner's own (docs/protocol.md §6).
+    /// at that epoch is the owner's own (docs/protocol.md §6). [`RETIRED_UNREADABLE`] means
+    /// the record could not be read: every offer is refused, saying so.
     pub retired_at: Option<u64>,
 }
+
+/// [`Expectation::retired_at`] when this host cannot read the disk's retirement record (I/O
+/// error, out of descriptors, damaged record): no epoch can be shown not to be stale, so every
+/// offer is refused, with a detail that says the record is unreadable instead of printing this
+/// number as an epoch.
+pub const RETIRED_UNREADABLE: u64 = u64::MAX;
 
 /// The destination agent's authorization decision, supplied up front.
 #[derive(Debug, Clone, Default)]
@@ -388,11 +395,20 @@ impl DestSession {
         if let Some(retired) = exp.retired_at
             && o.epoch < retired
         {
-            let d = format!(
-                "offered epoch {} is older than epoch {retired}, to which this host handed the \
-                 disk over: the offer comes from a stale copy",
-                o.epoch
-            );
+            let d = if retired == RETIRED_UNREADABLE {
+                format!(
+                    "this host cannot read its retirement record for disk {} (the cause is in \
+                     its log), so it cannot tell whether epoch {} is stale and refuses every \
+                     offer for the disk until the record can be read",
+                    o.disk, o.epoch
+                )
+            } else {
+                format!(
+                    "offered epoch {} is older than epoch {retired}, to which this host handed \
+                     the disk over: the offer comes from a stale copy",
+                    o.epoch
+                )
+            };
             self.refuse(RefuseReason::StaleEpoch, d, None);
             return;
         }

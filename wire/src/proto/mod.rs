@@ -19,7 +19,7 @@ pub mod source;
 mod tests;
 
 pub use action::{Action, CommitMeta, Failure, Outcome, Stats};
-pub use dest::{DestPolicy, DestSession, Expectation};
+pub use dest::{DestPolicy, DestSession, Expectation, RETIRED_UNREADABLE};
 pub use error::{FrameError, PeerError, UsageError};
 pub use frame::{FrameDecoder, Incoming, MAX_FRAME, MAX_PAYLOAD};
 pub use msg::{Message, Mode};
