@@ -130,8 +130,7 @@ async fn serve(config: Config) -> Result<()> {
                     && let Some(suppressed) = log.hit(std::time::Instant::now())
                 {
                     // With its cause: "store I/O on DIR: Too many open files (os error 24)".
-                    let e = anyhow::Error::from(e);
-                    tracing::error!(error = %format!("{e:#}"), suppressed, "flushing the store failed");
+                    tracing::error!(error = %e.detailed(), suppressed, "flushing the store failed");
                 }
             }
         })
