@@ -7,6 +7,7 @@ mod agent_control;
 mod bench_cli;
 mod bitmap_cli;
 mod cert;
+mod control_limits;
 mod demo;
 mod full_store;
 mod migrate;

@@ -203,7 +203,7 @@ impl AgentState {
                                    resume it";
                         if let Err(e) = self.set_state(&disk, State::Inconsistent, Some(why.into()))
                         {
-                            tracing::error!(%disk, error = %e, "could not mark the disk inconsistent");
+                            tracing::error!(%disk, error = %e.detailed(), "could not mark the disk inconsistent");
                         }
                     }
                 },
@@ -441,7 +441,7 @@ impl AgentState {
                         Some(format!("rebuild did not complete ({why}); rebuild again")),
                     )
                 {
-                    tracing::error!(%disk, error = %e, "could not mark the disk inconsistent");
+                    tracing::error!(%disk, error = %e.detailed(), "could not mark the disk inconsistent");
                 }
             }
         }

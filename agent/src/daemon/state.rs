@@ -164,7 +164,10 @@ impl AgentState {
         }
         match self.store.retired_at(disk) {
             Ok(_) => None,
-            Err(e) => Some(format!("its retirement record cannot be read ({e:#})")),
+            Err(e) => Some(format!(
+                "its retirement record cannot be read ({})",
+                e.detailed()
+            )),
         }
     }
 

@@ -748,6 +748,28 @@ fn refuses_offers_below_the_epoch_this_host_handed_the_disk_over_to() {
     );
 }
 
+#[test]
+fn an_unreadable_retirement_record_refuses_every_offer_and_says_so() {
+    // The agent says why it cannot tell which epochs are stale (an unreadable record, e.g.
+    // EMFILE): the refusal must carry that, not "older than epoch 18446744073709551615".
+    let mut p = policy(None);
+    p.expected[0].epoch_unknown =
+        Some("its retirement record cannot be read (Too many open files (os error 24))".into());
+    refuses_stale_offers(|_| p.clone(), &[(1, 0, false), (1000, 0, false)]);
+    let mut pump = Pump::new(
+        source(Bitmap::new(geom()), 7, Mode::Precopy),
+        DestSession::new(p),
+    );
+    pump.run();
+    let e = pump.src_end.as_ref().unwrap().error().unwrap().to_string();
+    assert!(
+        e.contains("retirement record cannot be read")
+            && e.contains("Too many open files")
+            && !e.contains(&u64::MAX.to_string()),
+        "{e}"
+    );
+}
+
 /// For each `(offered, epoch, accepted)`: an offer at `offered` to a destination whose policy
 /// `policy(epoch)` builds is accepted and migrates, or is refused as stale with nothing
 /// committed and the source still the owner.
