@@ -50,6 +50,16 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
+/// A size for people with its exact value: `1 GiB (1073741824 bytes)`, or `512 bytes` below
+/// 1 KiB. Text output uses this; JSON always carries the exact number alone.
+pub fn human_bytes(bytes: u64) -> String {
+    if bytes < 1024 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{} ({bytes} bytes)", human(bytes))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +78,7 @@ mod tests {
         assert!(parse_range("1M").is_err());
         assert_eq!(human(1536 << 20), "1.50 GiB");
         assert_eq!(human(512), "512 B");
+        assert_eq!(human_bytes(1 << 30), "1 GiB (1073741824 bytes)");
+        assert_eq!(human_bytes(1000), "1000 bytes");
     }
 }
