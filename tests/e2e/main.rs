@@ -10,6 +10,7 @@ mod cert;
 mod control_limits;
 mod demo;
 mod full_store;
+mod large_bitmaps;
 mod migrate;
 mod migrate_refusals;
 mod qcow2;

@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod bench_mark;
 pub mod bitmap;
 pub mod cert;
 pub mod demo;
