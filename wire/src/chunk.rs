@@ -203,7 +203,7 @@ fn set_bits(raw: &mut [u8], a: usize, e: usize) {
     }
     raw[first] |= 0xff << (a % 8);
     raw[first + 1..last].fill(0xff);
-    if e % 8 != 0 {
+    if !e.is_multiple_of(8) {
         raw[last] |= (1u8 << (e % 8)) - 1;
     }
 }

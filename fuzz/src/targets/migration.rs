@@ -240,7 +240,7 @@ impl Run {
     }
 
     /// Deliver up to `n` bytes source → destination.
-    fn to_dst(&mut self, n: usize) {
+    fn deliver_to_dst(&mut self, n: usize) {
         let n = n.min(self.at_dst.inbox.len());
         let bytes: Vec<u8> = self.at_dst.inbox.drain(..n).collect();
         self.at_dst.dec.push(&bytes);
@@ -263,7 +263,7 @@ impl Run {
     }
 
     /// Deliver up to `n` bytes destination → source.
-    fn to_src(&mut self, n: usize) {
+    fn deliver_to_src(&mut self, n: usize) {
         let n = n.min(self.at_src.inbox.len());
         let bytes: Vec<u8> = self.at_src.inbox.drain(..n).collect();
         self.at_src.dec.push(&bytes);
@@ -292,9 +292,9 @@ impl Run {
         for _ in 0..10_000 {
             let before = (self.at_dst.inbox.len(), self.at_src.inbox.len());
             self.poll_src(usize::MAX);
-            self.to_dst(usize::MAX);
+            self.deliver_to_dst(usize::MAX);
             self.poll_dst(usize::MAX);
-            self.to_src(usize::MAX);
+            self.deliver_to_src(usize::MAX);
             if (self.at_dst.inbox.len(), self.at_src.inbox.len()) == (0, 0) && before == (0, 0) {
                 return;
             }
@@ -310,8 +310,8 @@ impl Run {
 
     fn step(&mut self, inp: &mut Input) {
         match inp.below(16) {
-            0 => self.to_dst(usize::from(inp.u16())),
-            1 => self.to_src(usize::from(inp.u8())),
+            0 => self.deliver_to_dst(usize::from(inp.u16())),
+            1 => self.deliver_to_src(usize::from(inp.u8())),
             2 => self.poll_src(usize::from(inp.u8() % 8) + 1),
             3 => self.poll_dst(usize::from(inp.u8() % 8) + 1),
             4 | 5 => {
