@@ -132,6 +132,8 @@ struct Run {
     replies_forged: bool,
     /// Destination commits polled and not yet answered.
     commits: u32,
+    /// The source handed out a frame whose payload it has not handed out yet.
+    src_owes_payload: bool,
     /// Answer commits at once (the transcripts).
     auto_durable: bool,
     /// Every byte each way, and the source's frames one by one (the transcripts).
@@ -152,6 +154,7 @@ impl Run {
             truth,
             forged: false,
             replies_forged: false,
+            src_owes_payload: false,
             commits: 0,
             auto_durable: false,
             s2d: Vec::new(),
@@ -169,12 +172,23 @@ impl Run {
         }
     }
 
+    /// Before the source gets another event, the driver sends the payload of a frame it
+    /// started: a frame and its payload leave together (the agent's driver handles events only
+    /// with the action queue drained; a session that aborted between them would put its Abort
+    /// where the payload belongs).
+    fn finish_src_frame(&mut self) {
+        if self.src_owes_payload {
+            self.poll_src(1);
+        }
+    }
+
     /// Poll up to `n` source actions.
     fn poll_src(&mut self, n: usize) {
         for _ in 0..n {
             let Some(a) = self.src.poll_action() else {
                 return;
             };
+            self.src_owes_payload = matches!(&a, Action::Send(m) if m.payload_len() > 0);
             match a {
                 Action::Send(m) => {
                     let f = frame::encode(&m).expect("source messages fit a frame");
@@ -270,6 +284,7 @@ impl Run {
         loop {
             match self.at_src.dec.next_item() {
                 Ok(Some(Incoming::Message(m))) => {
+                    self.finish_src_frame();
                     let _ = self.src.handle(m);
                 }
                 Ok(Some(Incoming::Payload(_))) => {
@@ -278,6 +293,7 @@ impl Run {
                 Ok(None) => break,
                 Err(e) => {
                     if !std::mem::replace(&mut self.at_src.frame_failed, true) {
+                        self.finish_src_frame();
                         let _ = self.src.on_frame_error(e);
                     }
                     break;
@@ -309,7 +325,11 @@ impl Run {
     }
 
     fn step(&mut self, inp: &mut Input) {
-        match inp.below(16) {
+        let op = inp.below(16);
+        if matches!(op, 4 | 5 | 7 | 8 | 11) {
+            self.finish_src_frame();
+        }
+        match op {
             0 => self.deliver_to_dst(usize::from(inp.u16())),
             1 => self.deliver_to_src(usize::from(inp.u8())),
             2 => self.poll_src(usize::from(inp.u8() % 8) + 1),
