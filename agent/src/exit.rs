@@ -17,6 +17,15 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// The request itself is wrong (exit 2).
+    pub fn usage(message: impl Into<String>) -> anyhow::Error {
+        Failure {
+            code: 2,
+            message: message.into(),
+        }
+        .into()
+    }
+
     /// The bitmap is not trustworthy (exit 3).
     pub fn untrusted(message: impl Into<String>) -> anyhow::Error {
         Failure {

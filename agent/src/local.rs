@@ -110,6 +110,17 @@ pub fn create_entry(
     checkpoint: Option<String>,
     state: State,
 ) -> Result<(Meta, Bitmap)> {
+    if let Some(id) = &checkpoint {
+        // The id travels with every migration (docs/protocol.md §3): one the wire cannot carry
+        // would make the disk unmigratable.
+        let max = wire::proto::msg::MAX_CHECKPOINT_ID;
+        if id.is_empty() || id.len() > max {
+            return Err(Failure::usage(format!(
+                "checkpoint id must be 1 to {max} bytes, not {}",
+                id.len()
+            )));
+        }
+    }
     let meta = new_meta(disk, geometry, checkpoint, state);
     let mut bitmap = Bitmap::new(geometry);
     store.create(&meta, &mut bitmap)?;

@@ -36,16 +36,22 @@ pub fn loaded(disk: &DiskId, l: &mut Loaded) -> Value {
     let reason = l.reason.clone();
     match l.meta.as_ref() {
         Some(m) => bitmap(m, l.bitmap.as_mut(), reason.as_deref()),
-        None => json!({
-            "disk": disk,
-            "size": null, "granularity": null,
-            "state": State::Inconsistent,
-            "epoch": null, "checkpoint": null, "dirty_blocks": null, "root": null,
-            "generation": null,
-            "reason": reason,
-            "extents": null,
-        }),
+        None => unreadable(disk, reason.as_deref().unwrap_or("unreadable")),
     }
+}
+
+/// The `bitmap show` report of a store file whose header cannot be read: nothing is known but
+/// the disk (from the file name) and why.
+pub fn unreadable(disk: &DiskId, why: &str) -> Value {
+    json!({
+        "disk": disk,
+        "size": null, "granularity": null,
+        "state": State::Inconsistent,
+        "epoch": null, "checkpoint": null, "dirty_blocks": null, "root": null,
+        "generation": null,
+        "reason": why,
+        "extents": null,
+    })
 }
 
 /// One row of `bitmap list`.

@@ -15,18 +15,13 @@ pub const HANDED_OVER: &str = "handed over";
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Track {
-    /// The agent's own live bitmap (`meta.state` is `recording`, or `incomplete` while a
-    /// post-copy cut waits for its rebuild to start).
+    /// The agent's own live bitmap (`meta.state` is `recording`; `incomplete` for a post-copy
+    /// destination until its final commit, or while a post-copy cut waits for its rebuild).
     Live {
         /// Metadata as last committed (state as the tracker reports it).
         meta: Meta,
         /// The live bitmap.
         bitmap: Bitmap,
-    },
-    /// Post-copy destination: the session holds the owned bitmap and takes the marks.
-    InSession {
-        /// The epoch this host owns at.
-        epoch: u64,
     },
     /// A rebuild is running; marks made since it started are kept apart and merged at the end.
     Rebuild(Box<Rebuild>),
@@ -78,7 +73,6 @@ impl Role {
     pub fn owner_epoch(&self) -> Option<u64> {
         match self {
             Role::Owner(Track::Live { meta, .. }) => Some(meta.epoch),
-            Role::Owner(Track::InSession { epoch }) => Some(*epoch),
             Role::Owner(Track::Rebuild(r)) => Some(r.meta.epoch),
             _ => None,
         }
@@ -89,7 +83,6 @@ impl Role {
         match self {
             Role::None => "none",
             Role::Owner(Track::Live { .. }) => "owner/live",
-            Role::Owner(Track::InSession { .. }) => "owner/in-session",
             Role::Owner(Track::Rebuild(_)) => "owner/rebuilding",
             Role::InDoubt { .. } => "in-doubt",
             Role::Unknown { .. } => "unknown",
@@ -127,6 +120,12 @@ pub struct HostMig {
     pub skip_payload: bool,
     /// When this side sent (source) or handled (destination) the Switchover.
     pub switched_at: Option<u64>,
+    /// Destination: writes reported here while the disk arrives, held beside the session and
+    /// merged into every commit — the agent's rule (`AgentState::arriving` / `adopt`).
+    pub held: Option<Bitmap>,
+    /// Destination, deliberate bug `dest-marks-via-session-queue` only: writes acknowledged
+    /// but still queued for the session task (the agent before the F1 fix).
+    pub inbox: Vec<(u64, u64)>,
 }
 
 /// One simulated host.
@@ -147,4 +146,9 @@ pub struct Host {
     pub mig: Option<HostMig>,
     /// Bumped on changes to the disk that `SimStorage::writes` does not count.
     pub disk_gen: u64,
+    /// Writes of the VM on this host whose report has not reached the agent yet, in order:
+    /// (first block, end block, whether the content changes). A write lands only once its
+    /// report is acknowledged (a tracker that reports before the write completes), and the
+    /// hypervisor drains them before it pauses the VM.
+    pub reports: std::collections::VecDeque<(u64, u64, bool)>,
 }

@@ -106,14 +106,18 @@ pub enum Bug {
     /// it. The protocol's root checks must catch this one: no violation may follow, and the
     /// migration must not complete as if nothing happened.
     DestSkipsChunk,
-    /// The destination agent does not feed writes made before switchover (the VM resumed early
-    /// in post-copy) to its session.
+    /// The destination agent does not record writes made before it adopted the disk (the VM
+    /// resumed early in post-copy).
     DestIgnoresEarlyWrites,
+    /// Finding F1 of the hardening issue, planted back: the destination agent acknowledges a
+    /// write for a disk it has not adopted yet and queues it to the migration session, which
+    /// takes it only if its final commit has not happened by the time it gets to it.
+    DestMarksViaSessionQueue,
 }
 
 impl Bug {
     /// Every bug.
-    pub const ALL: [Bug; 7] = [
+    pub const ALL: [Bug; 8] = [
         Bug::SkipFsync,
         Bug::NoHandoverMark,
         Bug::ConsistentOnRestart,
@@ -121,6 +125,7 @@ impl Bug {
         Bug::RebuildMarksLate,
         Bug::DestSkipsChunk,
         Bug::DestIgnoresEarlyWrites,
+        Bug::DestMarksViaSessionQueue,
     ];
 
     /// Its command-line name.
@@ -133,6 +138,7 @@ impl Bug {
             Bug::RebuildMarksLate => "rebuild-marks-late",
             Bug::DestSkipsChunk => "dest-skips-chunk",
             Bug::DestIgnoresEarlyWrites => "dest-ignores-early-writes",
+            Bug::DestMarksViaSessionQueue => "dest-marks-via-session-queue",
         }
     }
 

@@ -32,6 +32,10 @@ const EPOCH_FILES: [&str; 2] = ["epoch-tombstone.0", "epoch-tombstone.1"];
 const RESOLVE_EVERY: u64 = 20 * MS;
 /// Period of the migration orchestrator.
 const DRIVE_EVERY: u64 = 3 * MS;
+/// Longest time a write's report takes to reach the agent (control socket and scheduling).
+const REPORT_DELAY: u64 = 1_500;
+/// Longest time the (deliberately buggy) destination task leaves its queue unread.
+const INBOX_DELAY: u64 = 10 * MS;
 /// A partial frame that does not complete for this long is a framing error: a corrupted
 /// length prefix would otherwise leave both ends waiting forever behind healthy keep-alives.
 pub const FRAME_STALL: u64 = 250 * MS;
@@ -50,11 +54,18 @@ type Step = Result<(), Crashed>;
 #[derive(Debug)]
 enum Ev {
     VmWrite,
+    /// The oldest pending write report of this host reaches its agent.
+    Report(usize),
+    /// Deliberate bug `dest-marks-via-session-queue`: the session task gets to its queue.
+    Inbox(usize),
     Flush(usize),
     Backup,
     Writeback(usize),
     Deliver(Packet),
-    Tick { conn: u64, side: usize },
+    Tick {
+        conn: u64,
+        side: usize,
+    },
     MigStart(usize),
     MigDrive(usize),
     Crash(usize),
@@ -208,6 +219,7 @@ impl World {
                     role: Role::None,
                     mig: None,
                     disk_gen: 0,
+                    reports: Default::default(),
                 }
             })
             .collect();
@@ -373,6 +385,14 @@ impl World {
     fn step(&mut self, ev: Ev) {
         let _ = match ev {
             Ev::VmWrite => self.vm_write(),
+            Ev::Report(h) => {
+                self.deliver_report(h);
+                Ok(())
+            }
+            Ev::Inbox(h) => {
+                self.session_inbox(h);
+                Ok(())
+            }
             Ev::Flush(h) => self.flush(h),
             Ev::Backup => self.backup(),
             Ev::Writeback(h) => {
@@ -435,17 +455,46 @@ impl World {
         let end = (first + len).min(blocks);
         // One write in ten rewrites identical bytes: the tracker marks it, the content (and so
         // the ground truth) does not change. These are the extra bits precision counts.
-        if self.rng.random_bool(0.9) {
-            self.truth.write(first, end);
-        }
-        self.last_write = Some((first, end));
-        self.mark(h, first, end);
+        let changes = self.rng.random_bool(0.9);
+        // The write is reported to the agent over its control socket and lands once the
+        // report is acknowledged; reports of one host arrive in order.
+        self.hosts[h].reports.push_back((first, end, changes));
+        let delay = self.rng.random_range(0..=REPORT_DELAY);
+        self.schedule(self.now + delay, Ev::Report(h));
         Ok(())
     }
 
-    /// A write on host `h`: the agent's tracker (and the migration session) must see it.
+    /// The oldest pending report of host `h` reaches its agent; once recorded, the write lands.
+    fn deliver_report(&mut self, h: usize) {
+        if !self.hosts[h].up {
+            return;
+        }
+        let Some((first, end, changes)) = self.hosts[h].reports.pop_front() else {
+            return;
+        };
+        self.mark(h, first, end);
+        if changes {
+            self.truth.write(first, end);
+        }
+        self.last_write = Some((first, end));
+    }
+
+    /// The hypervisor pauses the VM on `h`: the writes in flight complete first.
+    pub(crate) fn drain_reports(&mut self, h: usize) {
+        while !self.hosts[h].reports.is_empty() {
+            self.deliver_report(h);
+            crate::check::after_step(self);
+        }
+    }
+
+    /// A write on host `h` reaches its agent, which must record it: the owner's live bitmap
+    /// (and an outgoing session), a rebuild's mark set, or, for a disk arriving here and not
+    /// adopted yet, the writes held beside the session (docs/protocol.md §5.5).
     fn mark(&mut self, h: usize, first: u64, end: u64) {
+        let via_queue = self.has(Bug::DestMarksViaSessionQueue);
+        let ignore_early = self.has(Bug::DestIgnoresEarlyWrites);
         let host = &mut self.hosts[h];
+        let mut queued = false;
         let ok = match &mut host.role {
             Role::Owner(Track::Live { bitmap, .. }) => {
                 bitmap.set_blocks(first, end);
@@ -458,30 +507,42 @@ impl World {
                 }
                 true
             }
-            Role::Owner(Track::InSession { .. }) => match host.mig.as_mut() {
-                Some(HostMig {
-                    sess: Sess::Dst(d), ..
-                }) => d.mark_blocks(first, end).is_ok(),
-                _ => false,
-            },
             Role::Owner(Track::Rebuild(r)) => {
                 if r.marks_on {
                     r.marks.set_blocks(first, end);
                 }
                 true
             }
-            // Not the owner yet, but the VM resumed here early (post-copy): the session keeps
-            // the marks until switchover (docs/protocol.md §5.5).
+            // Not the owner yet, but the VM resumed here early (post-copy).
             _ => match host.mig.as_mut() {
                 Some(HostMig {
-                    sess: Sess::Dst(d), ..
-                }) => {
-                    self.bugs.contains(&Bug::DestIgnoresEarlyWrites)
-                        || d.mark_blocks(first, end).is_ok()
-                }
+                    sess: Sess::Dst(d),
+                    held,
+                    inbox,
+                    ..
+                }) => match d.geometry() {
+                    None => false,
+                    Some(_) if ignore_early => true,
+                    Some(_) if via_queue => {
+                        inbox.push((first, end));
+                        queued = true;
+                        true
+                    }
+                    Some(g) => {
+                        held.get_or_insert_with(|| Bitmap::new(g))
+                            .set_blocks(first, end);
+                        true
+                    }
+                },
                 _ => false,
             },
         };
+        if queued {
+            // The task drains its queue when its event loop gets to it, after whatever
+            // network events it picked first.
+            let delay = self.rng.random_range(0..=INBOX_DELAY);
+            self.schedule(self.now + delay, Ev::Inbox(h));
+        }
         if !ok {
             let name = self.hosts[h].name.clone();
             let role = self.hosts[h].role.name();
@@ -489,6 +550,40 @@ impl World {
                 "VM wrote blocks {first}..{end} on {name}, whose agent ({role}) cannot record it"
             ));
         }
+    }
+
+    /// Deliberate bug `dest-marks-via-session-queue`: what the destination's task did with a
+    /// queued write before the F1 fix. While the session still took marks (receiving rounds
+    /// or post-copy chunks) it kept them for its next commit; once the final commit had been
+    /// taken it refused them, and the task parked them for a commit that never came.
+    fn session_inbox(&mut self, h: usize) {
+        let geom = self.geom;
+        let host = &mut self.hosts[h];
+        let Some(m) = host.mig.as_mut() else {
+            return;
+        };
+        let pending = std::mem::take(&mut m.inbox);
+        let takes = matches!(&m.sess, Sess::Dst(d)
+            if matches!(d.phase(), "receiving rounds" | "receiving post-copy chunks"));
+        if !takes {
+            let name = host.name.clone();
+            let n = pending.len();
+            self.log(|| format!("{name}: {n} queued writes refused by the session and parked"));
+            return;
+        }
+        for (first, end) in pending {
+            match &mut host.role {
+                Role::Owner(Track::Live { bitmap, .. }) => {
+                    bitmap.set_blocks(first, end);
+                }
+                _ => {
+                    m.held
+                        .get_or_insert_with(|| Bitmap::new(geom))
+                        .set_blocks(first, end);
+                }
+            }
+        }
+        self.recheck = true;
     }
 
     fn flush(&mut self, h: usize) -> Step {

@@ -123,3 +123,12 @@ fn dropped_chunk_is_caught_by_the_protocol() {
 fn ignoring_early_writes_is_caught() {
     caught(Bug::DestIgnoresEarlyWrites, &[Scenario::Postcopy]);
 }
+
+/// Finding F1 of the hardening issue, planted back: a write the destination acknowledged
+/// while the disk was still arriving waits in a queue for the session, whose final commit
+/// can come first. The fixed agent records it beside the session under the lock that also
+/// adopts the disk, so the same seed is clean without the bug.
+#[test]
+fn acknowledged_destination_writes_queued_past_the_final_commit_are_caught() {
+    caught(Bug::DestMarksViaSessionQueue, &[Scenario::Postcopy]);
+}

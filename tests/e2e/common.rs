@@ -88,6 +88,19 @@ impl AgentProc {
         ca: &std::path::Path,
         extra_toml: &str,
     ) -> AgentProc {
+        Self::start_wrapped(dir, name, ca, extra_toml, &[])
+    }
+
+    /// Like [`AgentProc::start`], but run the agent through `wrapper` (a program and its
+    /// arguments that execs the rest of its command line in place, such as
+    /// `prlimit --nofile=128:128 --`), so the child's pid is still the agent's.
+    pub fn start_wrapped(
+        dir: &std::path::Path,
+        name: &str,
+        ca: &std::path::Path,
+        extra_toml: &str,
+        wrapper: &[&str],
+    ) -> AgentProc {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("agent.toml");
         let control = dir.join("control.sock");
@@ -120,7 +133,16 @@ impl AgentProc {
             .unwrap();
         }
         let log = std::fs::File::create(dir.join("agent.log")).unwrap();
-        let child = bitferry()
+        let mut cmd = match wrapper.split_first() {
+            None => bitferry(),
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(bitferry_path());
+                c.env_remove("BITFERRY_STORE");
+                c
+            }
+        };
+        let child = cmd
             .env("BITFERRY_LOG", "info")
             .arg("agent")
             .arg("--config")

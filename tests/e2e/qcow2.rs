@@ -4,7 +4,7 @@
 //!
 //! Randomised writes print their seed; replay with `BITFERRY_QCOW2_SEED=N`.
 
-use agent::qemu::qmp::Qmp;
+use agent::qemu::qmp::{Qmp, QmpError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -68,9 +68,23 @@ fn seed() -> u64 {
 }
 
 /// A running `qemu-storage-daemon` with the image open; killed (SIGKILL) and reaped on drop.
+/// Its QMP client is the agent's async one, driven by a small runtime of its own.
 struct Daemon {
     child: Child,
+    rt: tokio::runtime::Runtime,
     qmp: Option<Qmp>,
+}
+
+/// Blocking calls into the daemon's async QMP client.
+struct SyncQmp<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    qmp: &'a Qmp,
+}
+
+impl SyncQmp<'_> {
+    fn execute(&self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        self.rt.block_on(self.qmp.execute(command, arguments))
+    }
 }
 
 impl Daemon {
@@ -96,10 +110,18 @@ impl Daemon {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn qemu-storage-daemon");
-        let mut d = Daemon { child, qmp: None };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut d = Daemon {
+            child,
+            rt,
+            qmp: None,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(q) = Qmp::connect(sock, Duration::from_secs(20)) {
+            if let Ok(q) = d.rt.block_on(Qmp::connect(sock)) {
                 d.qmp = Some(q);
                 return d;
             }
@@ -111,12 +133,15 @@ impl Daemon {
         }
     }
 
-    fn qmp(&mut self) -> &mut Qmp {
-        self.qmp.as_mut().expect("connected")
+    fn qmp(&self) -> SyncQmp<'_> {
+        SyncQmp {
+            rt: &self.rt,
+            qmp: self.qmp.as_ref().expect("connected"),
+        }
     }
 
     /// QEMU's SHA-256 of the bitmap's raw bytes (zero-padded to a multiple of 8).
-    fn sha256(&mut self, name: &str) -> String {
+    fn sha256(&self, name: &str) -> String {
         let r = self
             .qmp()
             .execute(
@@ -283,7 +308,7 @@ fn check_image(dir: &Path, tag: &str, size: u64, rng: &mut StdRng, fixed: &[(u64
 
     // Raw bytes equal QEMU's, bitmap by bitmap, from one read-only daemon.
     let sock = dir.join(format!("{tag}.sock"));
-    let mut d = Daemon::start(&img, &sock, true);
+    let d = Daemon::start(&img, &sock, true);
     for (name, want) in &names {
         let raw = raw_from_image(dir, &img, name);
         assert_eq!(raw, want.to_raw(), "{tag}/{name} raw bytes");
@@ -339,7 +364,7 @@ fn in_use_bitmap_left_by_killed_daemon_is_inconsistent() {
     qemu_img(&["bitmap", "--add", p, "live"]);
     qemu_img(&["bitmap", "--add", "--disable", p, "kept"]);
     qemu_io_write(&img, &[(MIB, 5000)]);
-    let mut d = Daemon::start(&img, &dir.path().join("q.sock"), false);
+    let d = Daemon::start(&img, &dir.path().join("q.sock"), false);
     // The bitmaps are loaded (and marked in_use on disk) before the monitor answers.
     let nodes = d
         .qmp()
@@ -495,7 +520,7 @@ fn carriers_pass_qemu_and_round_trip() {
             "{info}"
         );
         // QEMU loads the carrier and hashes the same bytes.
-        let mut d = Daemon::start(&carrier, &dir.join(format!("{disk}.sock")), true);
+        let d = Daemon::start(&carrier, &dir.join(format!("{disk}.sock")), true);
         assert_eq!(
             d.sha256("bm"),
             padded_sha256(&store_raw),

@@ -161,7 +161,9 @@ fn status(ctx: &Ctx, disk: &DiskId) -> Result<Value> {
 }
 
 fn handed_over(st: &Value, postcopy: bool) -> bool {
-    st["finished"] == true || (postcopy && st["phase"] == "post-copy")
+    st["finished"] == true
+        || (postcopy && st["phase"] == "post-copy")
+        || !st["switchover_error"].is_null()
 }
 
 /// Poll the status until `done` holds, drawing a progress bar on a terminal.
@@ -195,6 +197,11 @@ fn progress_line(st: &Value) -> String {
 
 fn report(ctx: &Ctx, st: &Value) -> Result<()> {
     print(ctx.json, st);
+    if let Some(e) = st["switchover_error"].as_str()
+        && st["finished"] != true
+    {
+        bail!("{}: {e}", st["disk"].as_str().unwrap_or("?"));
+    }
     if let Some(e) = st["error"].as_str()
         && st["phase"] != "completed"
     {
@@ -256,7 +263,9 @@ fn oneshot(ctx: &Ctx, o: OneShot) -> Result<()> {
             postcopy: o.postcopy,
         },
     )?;
-    let st = wait(ctx, &disk, bar.as_ref(), |st| st["finished"] == true)?;
+    let st = wait(ctx, &disk, bar.as_ref(), |st| {
+        st["finished"] == true || !st["switchover_error"].is_null()
+    })?;
     if let Some(b) = &bar {
         b.finish_and_clear();
     }

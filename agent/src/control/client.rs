@@ -48,10 +48,17 @@ pub fn call(
     s.set_write_timeout(timeout)?;
     let mut line = serde_json::to_vec(req).expect("requests serialize");
     line.push(b'\n');
-    s.write_all(&line)?;
-    let mut reader = BufReader::new(s.take(MAX_LINE as u64 + 1));
+    // An agent that will not serve this connection (too many connections, out of descriptors)
+    // answers at once and closes, maybe before the request is written: the write then fails,
+    // and the answer waiting to be read says why, which "broken pipe" would not.
+    let written = s.write_all(&line);
+    let mut reader = BufReader::new((&s).take(MAX_LINE as u64 + 1));
     let mut buf = Vec::new();
-    reader.read_until(b'\n', &mut buf)?;
+    let read = reader.read_until(b'\n', &mut buf);
+    if read.is_err() || buf.is_empty() {
+        written?;
+        read?;
+    }
     if buf.len() > MAX_LINE {
         return Err(ControlError::Malformed("response too long".into()));
     }

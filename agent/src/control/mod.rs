@@ -3,7 +3,11 @@
 //!
 //! Each connection carries request lines; each request gets exactly one response line:
 //! `{"ok": true, "result": {...}}` or `{"ok": false, "error": "...", "exit_code": N}`.
-//! Lines are limited to [`MAX_LINE`] bytes.
+//! Responses are limited to [`MAX_LINE`] bytes, requests to the agent's `[control_limits]
+//! max_line_bytes` ([`MAX_LINE`] by default). An agent that will not serve a connection (too
+//! many connections, out of descriptors) sends one such error line at once and closes it, and
+//! it closes connections that stay silent or leave a request unfinished for too long
+//! (docs/operations.md §Limits).
 
 pub mod client;
 
@@ -11,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use wire::DiskId;
 
-/// Longest request or response line accepted.
+/// Longest response line the client accepts, and the agent's default longest request line.
 pub const MAX_LINE: usize = 16 << 20;
 
 /// A request to the agent.

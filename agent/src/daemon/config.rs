@@ -31,6 +31,67 @@ pub struct Config {
     /// Rebuild references: the agent rebuilds these disks by itself when their bitmap is lost.
     #[serde(default)]
     pub reference: Vec<Reference>,
+    /// Bounds on what control-socket clients may hold (connections, idle time, buffered
+    /// request bytes).
+    #[serde(default)]
+    pub control_limits: ControlLimits,
+}
+
+/// `[control_limits]`: what control-socket clients together may hold, so a leaked, stuck or
+/// hostile client cannot exhaust the agent's descriptors or memory (docs/security.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlLimits {
+    /// Most control connections served at once; past it a client gets a one-line refusal. The
+    /// agent lowers it at start-up if its descriptor limit cannot hold this many next to the
+    /// descriptors kept for the store, rebuilds and QUIC.
+    pub max_connections: usize,
+    /// Milliseconds a connection may wait between requests (saying nothing) before it is closed.
+    pub idle_timeout_ms: u64,
+    /// Milliseconds from a request's first byte to its newline; a slower request is refused
+    /// and its connection closed.
+    pub request_timeout_ms: u64,
+    /// Longest request line in bytes.
+    pub max_line_bytes: usize,
+    /// Bytes of unfinished and in-flight requests all connections together may buffer beyond
+    /// the first 64 KiB of each one; a request that would need more is refused.
+    pub max_buffered_bytes: usize,
+}
+
+impl Default for ControlLimits {
+    fn default() -> Self {
+        ControlLimits {
+            max_connections: 256,
+            idle_timeout_ms: 60_000,
+            request_timeout_ms: 10_000,
+            max_line_bytes: crate::control::MAX_LINE,
+            max_buffered_bytes: 64 << 20,
+        }
+    }
+}
+
+impl ControlLimits {
+    fn check(&self) -> Result<(), String> {
+        if self.max_connections == 0 {
+            return Err("control_limits.max_connections must be at least 1".into());
+        }
+        if self.idle_timeout_ms == 0 || self.request_timeout_ms == 0 {
+            return Err(
+                "control_limits.idle_timeout_ms and request_timeout_ms must be at least 1".into(),
+            );
+        }
+        if !(4096..=1 << 30).contains(&self.max_line_bytes) {
+            return Err("control_limits.max_line_bytes must be between 4096 and 1 GiB".into());
+        }
+        if self.max_buffered_bytes < self.max_line_bytes || self.max_buffered_bytes > 1 << 40 {
+            return Err(
+                "control_limits.max_buffered_bytes must be at least max_line_bytes (and at most \
+                 1 TiB)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// `[[reference]]`: what to compare a disk's live image with when its bitmap must be rebuilt.
@@ -184,6 +245,12 @@ impl Config {
                 });
             }
         }
+        if let Err(message) = c.control_limits.check() {
+            return Err(ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            });
+        }
         if c.flush_interval_ms == 0 {
             return Err(ConfigError::Parse {
                 path: path.to_path_buf(),
@@ -226,6 +293,36 @@ key  = "host.key"
         assert!(e.contains("agent.toml"), "{e}");
         std::fs::write(&p, "bogus = 1\n").unwrap();
         assert!(Config::load(&p).is_err());
+    }
+
+    #[test]
+    fn control_limits_have_defaults_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent.toml");
+        let base = "listen = \"127.0.0.1:7400\"\nstore = \"s\"\ncontrol = \"c.sock\"\n";
+        let tls = "[tls]\nca = \"ca.pem\"\ncert = \"h.pem\"\nkey = \"h.key\"\n";
+        std::fs::write(&p, format!("{base}{tls}")).unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.control_limits, ControlLimits::default());
+        assert_eq!(c.control_limits.max_connections, 256);
+        assert_eq!(c.control_limits.max_buffered_bytes, 64 << 20);
+        let with = |l: &str| format!("{base}[control_limits]\n{l}\n{tls}");
+        std::fs::write(&p, with("max_connections = 8\nidle_timeout_ms = 500")).unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.control_limits.max_connections, 8);
+        assert_eq!(c.control_limits.idle_timeout_ms, 500);
+        assert_eq!(c.control_limits.request_timeout_ms, 10_000);
+        for bad in [
+            "max_connections = 0",
+            "idle_timeout_ms = 0",
+            "request_timeout_ms = 0",
+            "max_line_bytes = 100",
+            "max_line_bytes = 1048576\nmax_buffered_bytes = 65536",
+            "connections = 3",
+        ] {
+            std::fs::write(&p, with(bad)).unwrap();
+            assert!(Config::load(&p).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

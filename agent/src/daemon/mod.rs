@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod control_server;
+pub mod limits;
 pub mod rebuild;
 pub mod state;
 
@@ -34,6 +35,36 @@ pub fn run(config: Config) -> Result<()> {
 }
 
 async fn serve(config: Config) -> Result<()> {
+    let (nofile, raise_failed) = limits::raise_nofile();
+    let shown = |l: Option<u64>| l.map_or("unlimited".to_string(), |l| l.to_string());
+    if let Some(e) = raise_failed {
+        tracing::warn!(soft = %shown(nofile.soft), hard = %shown(nofile.hard), error = %e, "could not raise the descriptor limit to its hard limit");
+    }
+    let configured = &config.control_limits;
+    let max_connections = limits::control_connections(nofile.soft, configured.max_connections);
+    tracing::info!(
+        before = %shown(nofile.before),
+        soft = %shown(nofile.soft),
+        hard = %shown(nofile.hard),
+        control_connections = max_connections,
+        "descriptor limit"
+    );
+    if max_connections < configured.max_connections {
+        tracing::warn!(
+            configured = configured.max_connections,
+            used = max_connections,
+            descriptors = %shown(nofile.soft),
+            "control_limits.max_connections lowered to leave descriptors for the store and QUIC; raise LimitNOFILE (docs/operations.md §Limits)"
+        );
+    }
+    let control_limits = control_server::Limits {
+        max_connections,
+        lowered: max_connections < configured.max_connections,
+        idle_timeout: Duration::from_millis(configured.idle_timeout_ms),
+        request_timeout: Duration::from_millis(configured.request_timeout_ms),
+        max_line: configured.max_line_bytes,
+        max_buffered: configured.max_buffered_bytes,
+    };
     let store = crate::store::Store::open(&config.store, crate::store::Access::ReadWrite)?;
     let mut state = AgentState::open(store, config.expect.clone())?;
     state.configure_rebuilds(&config.store, config.reference.clone());
@@ -81,6 +112,7 @@ async fn serve(config: Config) -> Result<()> {
         shared.clone(),
         net.clone(),
         stop.clone(),
+        control_limits,
     ));
 
     let flusher = {
@@ -88,11 +120,30 @@ async fn serve(config: Config) -> Result<()> {
         let every = Duration::from_millis(config.flush_interval_ms);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            // A full or failing store fails every flush until it recovers: say so when it
+            // starts, every minute while it lasts, and when it ends (the marks stay in memory
+            // and are retried; nothing is dropped).
+            let mut failing_since: Option<tokio::time::Instant> = None;
+            let mut last_said = tokio::time::Instant::now();
             loop {
                 tick.tick().await;
                 let r = shared.lock().expect("state lock").flush();
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "flushing the store failed");
+                match (r, failing_since) {
+                    (Ok(()), Some(since)) => {
+                        tracing::info!(after = ?since.elapsed(), "the store accepts commits again; every held mark is written");
+                        failing_since = None;
+                    }
+                    (Ok(()), None) => {}
+                    (Err(e), None) => {
+                        tracing::error!(error = %e.detailed(), "flushing the store failed; marks are kept in memory and retried");
+                        failing_since = Some(tokio::time::Instant::now());
+                        last_said = tokio::time::Instant::now();
+                    }
+                    (Err(e), Some(since)) if last_said.elapsed() >= Duration::from_secs(60) => {
+                        tracing::error!(error = %e.detailed(), failing_for = ?since.elapsed(), "the store still fails; marks are kept in memory");
+                        last_said = tokio::time::Instant::now();
+                    }
+                    (Err(_), Some(_)) => {}
                 }
             }
         })

@@ -203,7 +203,7 @@ impl AgentState {
                                    resume it";
                         if let Err(e) = self.set_state(&disk, State::Inconsistent, Some(why.into()))
                         {
-                            tracing::error!(%disk, error = %e, "could not mark the disk inconsistent");
+                            tracing::error!(%disk, error = %e.detailed(), "could not mark the disk inconsistent");
                         }
                     }
                 },
@@ -215,7 +215,7 @@ impl AgentState {
         for r in &self.rebuilds.references {
             // A file that exists but did not load (unreadable header): its geometry is unknown,
             // so the reference's size and granularity define it.
-            if !self.disks.contains_key(&r.disk) && self.store.contains(&r.disk).unwrap_or(false) {
+            if self.is_unreadable(&r.disk) {
                 todo.push(JobSpec::from(r));
             }
         }
@@ -327,6 +327,7 @@ impl AgentState {
                 );
                 let mut bits = Bitmap::new(geometry);
                 self.store.commit(&mut meta, &mut bits)?;
+                self.replaced_unreadable(&disk);
                 self.disks.insert(
                     disk.clone(),
                     Tracked {
@@ -440,7 +441,7 @@ impl AgentState {
                         Some(format!("rebuild did not complete ({why}); rebuild again")),
                     )
                 {
-                    tracing::error!(%disk, error = %e, "could not mark the disk inconsistent");
+                    tracing::error!(%disk, error = %e.detailed(), "could not mark the disk inconsistent");
                 }
             }
         }

@@ -37,6 +37,18 @@ pub struct AgentState {
     pub expectations: Vec<Expectation>,
     /// Migrations, running or finished (the last one per disk, for `migrate status`).
     pub migrations: BTreeMap<DiskId, Migration>,
+    /// Writes made on this host to a disk that is arriving by migration and not yet adopted
+    /// (from the destination's Accept to its first commit). They are merged into the disk's
+    /// entry by [`AgentState::adopt`] under the same lock that records them, so a write is
+    /// either here or in the entry whatever order the migration task sees its events in
+    /// (finding F1: they used to wait in the task's queue and were lost when the session
+    /// committed first). Dropped if the migration ends without this host owning the disk.
+    arriving: BTreeMap<DiskId, Bitmap>,
+    /// Store files this agent found but cannot read even the header of (damaged, an unknown
+    /// version, another disk's id), with why. Listed `inconsistent` with the reason and never
+    /// forgotten silently (finding F8); offers for them are refused, since their epoch is
+    /// unknown. A rebuild of the disk replaces the file.
+    unreadable: BTreeMap<DiskId, String>,
     /// Rebuild jobs, running or finished (the last one per disk), and their configuration.
     pub rebuilds: super::rebuild::Rebuilds,
     started: Instant,
@@ -47,13 +59,16 @@ impl AgentState {
     /// Take over every bitmap in `store`: consistent ones become `recording`.
     pub fn open(mut store: Store, expectations: Vec<Expectation>) -> Result<Self, StoreError> {
         let mut disks = BTreeMap::new();
+        let mut unreadable = BTreeMap::new();
         for disk in store.list()? {
             let l = store.load(&disk)?;
             let state = l.state();
             let (meta, bits) = match (l.meta, l.bitmap) {
                 (Some(m), b) => (m, b),
                 (None, _) => {
-                    tracing::warn!(%disk, reason = ?l.reason, "store file unreadable; skipped until rebuilt or removed");
+                    let why = l.reason.unwrap_or_else(|| "unreadable".into());
+                    tracing::warn!(%disk, reason = %why, "store file unreadable: listed inconsistent until rebuilt or removed");
+                    unreadable.insert(disk, why);
                     continue;
                 }
             };
@@ -77,26 +92,38 @@ impl AgentState {
             disks,
             expectations,
             migrations: BTreeMap::new(),
+            arriving: BTreeMap::new(),
+            unreadable,
             rebuilds: Default::default(),
             started: Instant::now(),
             flushes: 0,
         })
     }
 
-    /// Commit every disk with unflushed marks (state unchanged).
+    /// Commit every disk with unflushed marks (state unchanged). A disk whose commit fails
+    /// (a full store, say) keeps its marks in memory, still unflushed, and the next flush tries
+    /// again: nothing acknowledged is dropped, and the other disks are still committed. Returns
+    /// the first failure.
     pub fn flush(&mut self) -> Result<(), StoreError> {
+        let mut first = None;
         for t in self.disks.values_mut() {
             if t.unflushed
                 && let Some(b) = t.bits.as_mut()
             {
-                self.store.commit(&mut t.meta, b)?;
-                t.unflushed = false;
-                self.flushes += 1;
-                metrics::gauge!("bitferry_dirty_blocks", "disk" => t.meta.disk.to_string())
-                    .set(b.count() as f64);
+                match self.store.commit(&mut t.meta, b) {
+                    Ok(()) => {
+                        t.unflushed = false;
+                        self.flushes += 1;
+                        metrics::gauge!("bitferry_dirty_blocks", "disk" => t.meta.disk.to_string())
+                            .set(b.count() as f64);
+                    }
+                    Err(e) => {
+                        first.get_or_insert(e);
+                    }
+                }
             }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 
     /// Clean shutdown: every `recording` bitmap is committed back as `consistent`.
@@ -117,10 +144,47 @@ impl AgentState {
     }
 
     fn tracked(&mut self, disk: &DiskId) -> Result<&mut Tracked> {
+        if let Some(why) = self.unreadable.get(disk) {
+            return Err(Failure::untrusted(format!(
+                "bitmap for {disk} is inconsistent: its store file cannot be read ({why}); \
+                 rebuild it (bitferry rebuild --disk) or remove the file"
+            )));
+        }
         match self.disks.get_mut(disk) {
             Some(t) => Ok(t),
             None => Err(StoreError::NotFound(disk.clone()).into()),
         }
+    }
+
+    /// Why this host cannot tell which epochs of `disk` are stale, if it cannot: its store
+    /// file or its retirement record is unreadable (docs/protocol.md §6).
+    pub fn epoch_unknown(&self, disk: &DiskId) -> Option<String> {
+        if let Some(why) = self.unreadable.get(disk) {
+            return Some(format!("its store file cannot be read ({why})"));
+        }
+        match self.store.retired_at(disk) {
+            Ok(_) => None,
+            Err(e) => Some(format!(
+                "its retirement record cannot be read ({})",
+                e.detailed()
+            )),
+        }
+    }
+
+    /// The epoch at which this host handed `disk` over, if it ever did (an unreadable record
+    /// is reported by [`AgentState::epoch_unknown`]).
+    pub fn retired_at(&self, disk: &DiskId) -> Option<u64> {
+        self.store.retired_at(disk).ok().flatten()
+    }
+
+    /// The disk's store file is unreadable; a rebuild replacing it clears this.
+    pub fn is_unreadable(&self, disk: &DiskId) -> bool {
+        self.unreadable.contains_key(disk)
+    }
+
+    /// A new entry replaced an unreadable file (a rebuild's first commit).
+    pub(crate) fn replaced_unreadable(&mut self, disk: &DiskId) {
+        self.unreadable.remove(disk);
     }
 
     fn migration(&self, disk: &DiskId, role: Option<Role>) -> Result<&Migration> {
@@ -131,7 +195,9 @@ impl AgentState {
         }
     }
 
-    /// Set a tracked disk's state (and reason) and commit it durably.
+    /// Set a tracked disk's state (and reason) and commit it durably. If the commit fails the
+    /// entry keeps its previous state and reason, in memory as on disk (finding F7: a failed
+    /// hand-over must not leave the disk `incomplete` in memory while the VM still runs here).
     pub fn set_state(
         &mut self,
         disk: &DiskId,
@@ -141,10 +207,14 @@ impl AgentState {
         let Some(t) = self.disks.get_mut(disk) else {
             return Err(StoreError::NotFound(disk.clone()));
         };
+        let before = (t.meta.state, t.meta.reason.clone());
         t.meta.state = state;
         t.meta.reason = reason;
         if let Some(b) = t.bits.as_mut() {
-            self.store.commit(&mut t.meta, b)?;
+            if let Err(e) = self.store.commit(&mut t.meta, b) {
+                (t.meta.state, t.meta.reason) = before;
+                return Err(e);
+            }
             t.unflushed = false;
         }
         Ok(())
@@ -156,6 +226,22 @@ impl AgentState {
     pub fn retire(&mut self, disk: &DiskId, epoch: u64) -> Result<(), StoreError> {
         self.disks.remove(disk);
         self.store.retire(disk, epoch)
+    }
+
+    /// A destination is receiving `disk` (its session accepted the offer): from now on writes
+    /// reported here for the disk are recorded, beside the session, until it is adopted.
+    pub fn arriving(&mut self, disk: &DiskId, geometry: Geometry) {
+        if !self.disks.contains_key(disk) {
+            self.arriving
+                .entry(disk.clone())
+                .or_insert_with(|| Bitmap::new(geometry));
+        }
+    }
+
+    /// An incoming migration of `disk` ended. If this host does not own the disk, the writes
+    /// held for it are dropped: the source still owns it and tracked the VM's writes itself.
+    pub fn arrival_ended(&mut self, disk: &DiskId) {
+        self.arriving.remove(disk);
     }
 
     /// Undo a destination commit that could not be completed, if the disk is held at `epoch`
@@ -189,10 +275,22 @@ impl AgentState {
     }
 
     /// Perform a migration destination's commit: take the disk over at the session's epoch,
-    /// merging with what this host already recorded for it at that epoch (local marks made
-    /// after a post-copy switchover), and write it durably. A `consistent` result is kept live
-    /// as `recording`, like every bitmap this agent tracks.
-    pub fn adopt(&mut self, m: wire::proto::CommitMeta, bitmap: Bitmap) -> Result<(), StoreError> {
+    /// merging with what this host already recorded for it (writes held while it arrived, and
+    /// the entry at that epoch: local marks made after a post-copy switchover), and write it
+    /// durably. A `consistent` result is kept live as `recording`, like every bitmap this agent
+    /// tracks. If the write fails the entry stays in memory, unflushed, so the flusher retries
+    /// and marks keep landing in it (finding F6: an owned disk must not vanish because its
+    /// store is full); the caller decides whether to forget it ([`AgentState::forget_epoch`]).
+    pub fn adopt(
+        &mut self,
+        m: wire::proto::CommitMeta,
+        mut bitmap: Bitmap,
+    ) -> Result<(), StoreError> {
+        if let Some(held) = self.arriving.remove(&m.disk)
+            && held.geometry() == m.geometry
+        {
+            bitmap.merge(&held).expect("same geometry checked above");
+        }
         let state = if m.state == State::Consistent {
             State::Recording
         } else {
@@ -233,6 +331,7 @@ impl AgentState {
         t.meta.reason = m.reason;
         t.meta.checkpoint = m.checkpoint;
         let b = t.bits.as_mut().expect("set above");
+        t.unflushed = true;
         self.store.commit(&mut t.meta, b)?;
         t.unflushed = false;
         Ok(())
@@ -258,18 +357,30 @@ impl AgentState {
         }
         // A running rebuild gets every mark (docs/rebuild.md §In the agent).
         let rebuilding = self.rebuild_mark(disk, ranges)?;
-        // A running migration gets every mark too (docs/protocol.md §5).
-        let forwarded = match self.migrations.get(disk) {
-            Some(m) if m.active() => m.cmd.send(Cmd::Mark(ranges.to_vec())).is_ok(),
-            _ => false,
-        };
-        if forwarded && !self.disks.contains_key(disk) {
-            return Ok((json!({"disk": disk, "forwarded_to_migration": true}), false));
+        // Arriving by migration, not adopted yet: held here, merged at adoption.
+        if !self.disks.contains_key(disk)
+            && let Some(held) = self.arriving.get_mut(disk)
+        {
+            let newly = mark_all(held, ranges)?;
+            metrics::counter!("bitferry_marks_total").increment(ranges.len() as u64);
+            return Ok((
+                json!({
+                    "disk": disk,
+                    "newly_dirty_blocks": newly,
+                    "held_for_incoming_migration": true,
+                }),
+                false,
+            ));
         }
-        let t = self
-            .disks
-            .get_mut(disk)
-            .ok_or(StoreError::NotFound(disk.clone()))?;
+        // An outgoing migration gets every mark too: they travel in its next round
+        // (docs/protocol.md §5.3). The mark is in the entry below either way.
+        if let Some(m) = self.migrations.get(disk)
+            && m.role == Role::Source
+            && m.active()
+        {
+            let _ = m.cmd.send(Cmd::Mark(ranges.to_vec()));
+        }
+        let t = self.tracked(disk)?;
         let Some(bits) = t.bits.as_mut() else {
             return Err(Failure::untrusted(format!(
                 "bitmap for {disk} is unreadable; rebuild it before marking"
@@ -313,6 +424,12 @@ impl AgentState {
                 if self.disks.contains_key(&disk) {
                     return Err(StoreError::Exists(disk).into());
                 }
+                if let Some(why) = self.unreadable.get(&disk) {
+                    bail!(
+                        "a store file for {disk} exists but cannot be read ({why}); rebuild it \
+                         or remove the file before creating the disk again"
+                    );
+                }
                 let (meta, mut bits) = create_entry(
                     &mut self.store,
                     disk.clone(),
@@ -339,17 +456,34 @@ impl AgentState {
                 Ok(report)
             }
             Request::Show { disk } => {
+                if let Some(why) = self.unreadable.get(&disk) {
+                    return Ok(report::unreadable(&disk, why));
+                }
                 let t = self.tracked(&disk)?;
                 let reason = t.meta.reason.clone();
                 Ok(report::bitmap(&t.meta, t.bits.as_mut(), reason.as_deref()))
             }
             Request::Verify { disk } => {
-                self.flush()?;
+                self.tracked(&disk)?;
+                self.make_durable(&disk)?;
+                let mut stored = match self.store.load_own(&disk) {
+                    Err(StoreError::NotFound(_)) => {
+                        // Deleted behind the agent's back: the durable copy (and the epoch it
+                        // recorded) is gone, so nothing proves the superset after a crash.
+                        let why = "its store file disappeared while the agent ran (deleted?); \
+                                   rebuild it";
+                        tracing::error!(%disk, "{why}");
+                        self.set_state(&disk, State::Inconsistent, Some(why.into()))?;
+                        return Err(Failure::untrusted(format!(
+                            "bitmap for {disk} is inconsistent: {why}"
+                        )));
+                    }
+                    r => r?,
+                };
                 let t = self
                     .disks
                     .get_mut(&disk)
                     .ok_or(StoreError::NotFound(disk.clone()))?;
-                let mut stored = self.store.load_own(&disk)?;
                 let live_root = t.bits.as_mut().map(|b| b.root());
                 let stored_root = stored.bitmap.as_mut().map(|b| b.root());
                 if live_root.is_some() && live_root != stored_root {
@@ -386,6 +520,17 @@ impl AgentState {
                             "dirty_blocks": t.bits.as_ref().map(Bitmap::count),
                         })
                     })
+                    .chain(self.unreadable.iter().map(|(d, why)| {
+                        json!({
+                            "disk": d,
+                            "state": State::Inconsistent,
+                            "size": null,
+                            "granularity": null,
+                            "epoch": null,
+                            "dirty_blocks": null,
+                            "reason": why,
+                        })
+                    }))
                     .collect();
                 Ok(json!({ "bitmaps": rows }))
             }
@@ -413,6 +558,7 @@ impl AgentState {
                 if !matches!(phase, "connecting" | "negotiating" | "bulk" | "pre-copy") {
                     bail!("{disk}'s migration is not ready for switchover (phase: {phase})");
                 }
+                m.status.lock().expect("status lock").switchover_error = None;
                 m.switchover_requested
                     .store(true, std::sync::atomic::Ordering::SeqCst);
                 m.cmd

@@ -144,6 +144,7 @@ pub async fn migrate(
             from: Some(src_id.name().to_string()),
             owned_epoch: None,
             retired_at: None,
+            epoch_unknown: None,
         }],
         allow_postcopy: true,
     };
@@ -219,6 +220,8 @@ async fn source(
         while let Some(a) = s.poll_action() {
             match a {
                 a @ (Action::Send(_) | Action::SendPayload(_)) => send(&mut w, a).await?,
+                // Nothing to make durable: the bench keeps no store.
+                Action::HandOver { .. } => s.handed_over_durably()?,
                 Action::Finished(Outcome::Migrated { root, .. }) => {
                     let _ = tokio::time::timeout(Duration::from_secs(5), w.finish()).await;
                     let bulk = bulk_seconds.unwrap_or_else(elapsed);
@@ -283,7 +286,7 @@ async fn dest(conn: &Connection, policy: DestPolicy) -> Result<(Stats, Bitmap), 
                 }
                 Action::Finished(o) => return Err(session_err("destination", format!("{o:?}"))),
                 Action::Failed(f) => return Err(session_err("destination", f.error)),
-                Action::Retire { .. } | Action::RebuildNeeded { .. } => {}
+                Action::Retire { .. } | Action::RebuildNeeded { .. } | Action::HandOver { .. } => {}
             }
         }
         match net.recv().await {
@@ -591,6 +594,7 @@ pub fn sessions_only_bulk_seconds(bitmap: Bitmap) -> Result<(f64, f64), BenchErr
             from: Some("bench-src".into()),
             owned_epoch: None,
             retired_at: None,
+            epoch_unknown: None,
         }],
         allow_postcopy: true,
     });

@@ -4,9 +4,11 @@
 //! `[[expect]]` in the config), and only from the named peer when one was given. The peer's name
 //! comes from its certificate, checked by mutual TLS, not from what it claims in Hello.
 //!
-//! Marks for the disk that arrive while the session runs (the VM resumed here after a post-copy
-//! switchover) go to the session; the ones it cannot take yet are kept and added to the next
-//! commit, so a write is never lost between switchover and ownership.
+//! Writes reported here for the disk while it arrives never go through this task: the agent
+//! state holds them from Accept on and merges them into whatever the session commits, under its
+//! lock (`AgentState::arriving` / `adopt`). A queue between the control socket and the session
+//! would let an acknowledged write fall between the session's final commit and the adopted
+//! disk (finding F1).
 
 use super::io::{NetEvent, send, spawn_reader};
 use super::{Cmd, Migration, Role, Status, outcome_name};
@@ -47,14 +49,12 @@ fn policy(shared: &Shared, peer: &str) -> DestPolicy {
             // The TLS identity was checked above; the session compares it with Hello's host.
             from: Some(peer.to_string()),
             owned_epoch: st.disks.get(&e.disk).map(|t| t.meta.epoch),
-            retired_at: match st.store.retired_at(&e.disk) {
-                Ok(r) => r,
-                Err(err) => {
-                    // Cannot tell which epochs are stale: refuse every offer for the disk.
-                    tracing::error!(disk = %e.disk, error = %err, "refusing offers");
-                    Some(u64::MAX)
-                }
-            },
+            retired_at: st.retired_at(&e.disk),
+            // Cannot tell which epochs are stale: every offer for the disk is refused, with
+            // the real cause (an unreadable file, or e.g. "Too many open files").
+            epoch_unknown: st.epoch_unknown(&e.disk).inspect(|why| {
+                tracing::error!(disk = %e.disk, %why, "refusing offers for the disk");
+            }),
         })
         .collect();
     DestPolicy {
@@ -74,31 +74,27 @@ async fn serve(conn: Connection, shared: Shared) -> Result<()> {
     let (tx, mut cmds) = mpsc::unbounded_channel::<Cmd>();
     let mut tx = Some(tx);
     let mut status: Option<Arc<Mutex<Status>>> = None;
-    // Marks the session could not take yet; added to the next commit.
-    let mut early: Vec<(u64, u64)> = Vec::new();
-    let mut owns = false;
     let end: Result<Outcome> = 'session: loop {
         while let Some(a) = session.poll_action() {
             match a {
-                Action::Commit { meta, mut bitmap } => {
-                    for (o, l) in early.drain(..) {
-                        let _ = bitmap.mark(o, l);
-                    }
+                Action::Commit { meta, bitmap } => {
                     let state = meta.state;
                     let (disk, epoch) = (meta.disk.clone(), meta.epoch);
                     if let Err(e) = commit(&shared, meta, bitmap) {
                         tracing::error!(%disk, error = %format!("{e:#}"), "could not commit the migrated bitmap");
-                        if !owns {
+                        session.commit_failed(&format!("{e:#}"))?;
+                        if !session.owns() {
                             // Pre-copy: the source keeps the disk; drop whatever we wrote.
                             shared
                                 .lock()
                                 .expect("state lock")
                                 .forget_epoch(&disk, epoch);
                         }
-                        session.commit_failed(&format!("{e:#}"))?;
+                        // Otherwise this host owns the disk regardless (docs/protocol.md §6):
+                        // the entry stays in memory, takes marks, and the flusher writes it
+                        // once the store accepts writes again.
                         continue;
                     }
-                    owns = true;
                     session.committed_durably()?;
                     if let Some(s) = &status {
                         s.lock().expect("status lock").state = Some(state);
@@ -126,12 +122,13 @@ async fn serve(conn: Connection, shared: Shared) -> Result<()> {
                     }
                     break 'session Ok(f.outcome);
                 }
-                Action::Retire { .. } => {}
+                Action::Retire { .. } | Action::HandOver { .. } => {}
             }
         }
         // Register as soon as the offer names the disk, so marks and status reach us.
         if status.is_none()
             && let Some(disk) = session.disk().cloned()
+            && let Some(geometry) = session.geometry()
             && let Some(tx) = tx.take()
         {
             let s = Arc::new(Mutex::new(Status::new(
@@ -140,7 +137,9 @@ async fn serve(conn: Connection, shared: Shared) -> Result<()> {
                 peer.clone(),
             )));
             s.lock().expect("status lock").phase = "receiving";
-            shared.lock().expect("state lock").migrations.insert(
+            let mut st = shared.lock().expect("state lock");
+            st.arriving(&disk, geometry);
+            st.migrations.insert(
                 disk,
                 Migration {
                     role: Role::Destination,
@@ -149,8 +148,10 @@ async fn serve(conn: Connection, shared: Shared) -> Result<()> {
                     switchover_requested: Default::default(),
                 },
             );
+            drop(st);
             status = Some(s);
         }
+        let owns = session.owns();
         if let Some(s) = &status {
             let mut s = s.lock().expect("status lock");
             s.stats = session.stats();
@@ -181,19 +182,17 @@ async fn serve(conn: Connection, shared: Shared) -> Result<()> {
                 }
             }
             Some(cmd) = cmds.recv() => match cmd {
-                Cmd::Mark(ranges) => {
-                    for (o, l) in ranges {
-                        if session.mark(o, l).is_err() {
-                            early.push((o, l));
-                        }
-                    }
-                }
                 Cmd::Abort => session.abort()?,
-                Cmd::Switchover { .. } => {}
+                // Marks are the agent state's (see the module comment); switchovers are the
+                // source's to start.
+                Cmd::Mark(_) | Cmd::Switchover { .. } => {}
             },
         }
     };
     let outcome = end?;
+    if let Some(disk) = session.disk() {
+        shared.lock().expect("state lock").arrival_ended(disk);
+    }
     let seconds = status.as_ref().map(|s| {
         s.lock()
             .expect("status lock")

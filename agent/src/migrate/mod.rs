@@ -71,6 +71,9 @@ pub struct Status {
     /// The last command the session refused (e.g. a switchover before the destination
     /// accepted); the migration goes on.
     pub notice: Option<String>,
+    /// Why the last requested switchover was withdrawn (the hand-over could not be made
+    /// durable); cleared when a switchover is requested again. The migration goes on.
+    pub switchover_error: Option<String>,
     /// Whether the task has ended.
     pub finished: bool,
     /// Source: every pre-copy round so far was acknowledged and no mark arrived since the last
@@ -95,6 +98,7 @@ impl Status {
             outcome: None,
             error: None,
             notice: None,
+            switchover_error: None,
             finished: false,
             converged: false,
         }
@@ -121,6 +125,7 @@ impl Status {
             "outcome": self.outcome,
             "error": self.error,
             "notice": self.notice,
+            "switchover_error": self.switchover_error,
         })
     }
 }

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use wire::proto::{Action, Message, Mode, Outcome, SourceConfig, SourceSession};
+use wire::proto::{Action, Mode, Outcome, SourceConfig, SourceSession};
 use wire::{DiskId, State};
 
 /// Start migrating `disk` to the agent at `to`. Registers the migration and returns at once;
@@ -63,13 +63,14 @@ pub fn start(
         Role::Source,
         to.to_string(),
     )));
+    let switchover_requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
     st.migrations.insert(
         disk.clone(),
         Migration {
             role: Role::Source,
             cmd: tx,
             status: status.clone(),
-            switchover_requested: Default::default(),
+            switchover_requested: switchover_requested.clone(),
         },
     );
     drop(st);
@@ -77,6 +78,7 @@ pub fn start(
         shared: shared.clone(),
         disk: disk.clone(),
         status: status.clone(),
+        switchover_requested,
         peer: to.to_string(),
         pacer: Pacer::new(rate),
     };
@@ -100,6 +102,8 @@ struct Task {
     shared: Shared,
     disk: DiskId,
     status: Arc<Mutex<Status>>,
+    /// Shared with the agent state: while set, marks are refused here (`Migration`).
+    switchover_requested: Arc<std::sync::atomic::AtomicBool>,
     peer: String,
     pacer: Pacer,
 }
@@ -201,21 +205,26 @@ impl Task {
             if let Some(a) = session.poll_action() {
                 quiet_since = tokio::time::Instant::now();
                 match a {
-                    Action::Send(Message::Switchover(sw)) => {
-                        self.hand_over(&format!(
-                            "switching over to {} (epoch {})",
-                            self.peer, sw.epoch_next
-                        ))?;
-                        switched = true;
-                        self.set(|s| {
-                            s.phase = if sw.postcopy {
-                                "post-copy"
-                            } else {
-                                "switching over"
+                    Action::HandOver {
+                        epoch_next,
+                        postcopy,
+                        ..
+                    } => {
+                        let reason =
+                            format!("switching over to {} (epoch {epoch_next})", self.peer);
+                        match self.hand_over(&reason) {
+                            Ok(()) => {
+                                switched = true;
+                                self.set(|s| {
+                                    s.phase = if postcopy {
+                                        "post-copy"
+                                    } else {
+                                        "switching over"
+                                    }
+                                });
+                                session.handed_over_durably()?;
                             }
-                        });
-                        if let Err(e) = send(&mut w, Action::Send(Message::Switchover(sw))).await {
-                            self.lost(&mut session, &e)?;
+                            Err(e) => self.withdraw_switchover(&mut session, &e)?,
                         }
                     }
                     a @ (Action::Send(_) | Action::SendPayload(_)) => {
@@ -374,6 +383,27 @@ impl Task {
     fn hand_over(&self, reason: &str) -> Result<()> {
         let mut st = self.shared.lock().expect("state lock");
         st.set_state(&self.disk, State::Incomplete, Some(reason.to_string()))?;
+        Ok(())
+    }
+
+    /// The hand-over could not be made durable (finding F7: a full store). Nothing of the
+    /// switchover left this host and the entry kept its `recording` state, so the switchover
+    /// is withdrawn: this host stays the owner, takes marks again, and the migration goes on
+    /// in pre-copy until a switchover is asked for again.
+    fn withdraw_switchover(&self, session: &mut SourceSession, e: &anyhow::Error) -> Result<()> {
+        tracing::error!(disk = %self.disk, error = %format!("{e:#}"), "could not record the hand-over; switchover withdrawn");
+        session.hand_over_failed()?;
+        // Under the state lock, like the check in `AgentState::mark`.
+        let _st = self.shared.lock().expect("state lock");
+        self.switchover_requested
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.set(|s| {
+            s.switchover_error = Some(format!(
+                "switchover withdrawn: the hand-over could not be recorded durably ({e:#}); \
+                 this host still owns the disk and keeps recording; ask for the switchover \
+                 again once the store is writable"
+            ));
+        });
         Ok(())
     }
 

@@ -54,6 +54,21 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// The message followed by its causes, for logs (`%e` shows only the first line of the
+    /// chain): "store I/O on DIR: Too many open files (os error 24)".
+    pub fn detailed(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
+        text
+    }
+}
+
 /// A bitmap as found in the store, with its effective state.
 #[derive(Debug, Clone)]
 pub struct Loaded {
@@ -340,6 +355,25 @@ fn unescape(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn detailed_errors_name_the_os_error() {
+        let e = StoreError::Io {
+            path: "/s".into(),
+            source: io::Error::from_raw_os_error(24),
+        };
+        assert_eq!(e.to_string(), "store I/O on /s");
+        assert!(
+            e.detailed()
+                .starts_with("store I/O on /s: Too many open files"),
+            "{}",
+            e.detailed()
+        );
+        assert_eq!(
+            StoreError::NotFound(DiskId::new("a").unwrap()).detailed(),
+            StoreError::NotFound(DiskId::new("a").unwrap()).to_string()
+        );
+    }
     use wire::Geometry;
 
     #[test]

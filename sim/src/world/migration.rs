@@ -56,6 +56,8 @@ impl World {
             messages: 0,
             skip_payload: false,
             switched_at: None,
+            held: None,
+            inbox: Vec::new(),
         });
         if d_up {
             let policy = DestPolicy {
@@ -64,6 +66,7 @@ impl World {
                     from: Some(self.hosts[s].name.clone()),
                     owned_epoch: self.hosts[d].role.owner_epoch(),
                     retired_at: None,
+                    epoch_unknown: None,
                 }],
                 allow_postcopy: true,
             };
@@ -77,6 +80,8 @@ impl World {
                 messages: 0,
                 skip_payload: false,
                 switched_at: None,
+                held: None,
+                inbox: Vec::new(),
             });
         }
         let (src_epoch, checkpoint) = match &self.hosts[s].role {
@@ -149,10 +154,15 @@ impl World {
         }
         let rounds = rec.rounds;
         let force = !self.faults_on;
+        let switch_now = !rec.switched && (since >= mp.switch_after || force);
+        if switch_now && self.vm.on == Some(s) {
+            // Pausing the VM completes the writes in flight: their reports arrive first.
+            self.drain_reports(s);
+        }
         let Some(Sess::Src(ss)) = self.session_of(s, i) else {
             return Ok(());
         };
-        if !rec.switched && (since >= mp.switch_after || force) {
+        if switch_now {
             // A destination that did not negotiate post-copy gets a pre-copy switchover, as a
             // hook would fall back (the Welcome decides, docs/protocol.md §4).
             let ok = match ss.switchover(mp.postcopy) {
@@ -208,12 +218,19 @@ impl World {
         let Some(m) = self.hosts[h].mig.as_ref() else {
             return Ok(());
         };
-        let (conn, side, id, is_src) = (m.conn, m.side, m.id, matches!(m.sess, Sess::Src(_)));
+        let (conn, side, id) = (m.conn, m.side, m.id);
         match a {
-            Action::Send(msg) => {
-                if is_src && matches!(msg, Message::Switchover(_)) {
-                    self.source_hands_over(h)?;
+            Action::HandOver { .. } => {
+                // docs/simulation.md rule 2: durable before the Switchover may leave.
+                self.source_hands_over(h)?;
+                if let Some(HostMig {
+                    sess: Sess::Src(s), ..
+                }) = self.hosts[h].mig.as_mut()
+                {
+                    let _ = s.handed_over_durably();
                 }
+            }
+            Action::Send(msg) => {
                 let name = self.hosts[h].name.clone();
                 let mname = msg.name();
                 self.log(|| format!("{name}: send {mname}"));
@@ -273,6 +290,9 @@ impl World {
         Ok(())
     }
 
+    /// A destination's `Commit`, performed as the agent does (`AgentState::adopt`): the
+    /// session's bitmap merged with the writes held while the disk arrived and with the owned
+    /// bitmap at that epoch, stored durably; then `committed_durably()`.
     pub(super) fn dest_commit(
         &mut self,
         h: usize,
@@ -280,6 +300,14 @@ impl World {
         cm: CommitMeta,
         mut bitmap: Bitmap,
     ) -> Step {
+        if let Some(held) = self.hosts[h].mig.as_mut().and_then(|m| m.held.take()) {
+            let _ = bitmap.merge(&held);
+        }
+        if let Role::Owner(Track::Live { meta, bitmap: live }) = &self.hosts[h].role
+            && meta.epoch == cm.epoch
+        {
+            let _ = bitmap.merge(live);
+        }
         let mut meta = Meta {
             disk: cm.disk,
             geometry: cm.geometry,
@@ -296,7 +324,6 @@ impl World {
         {
             let _ = d.committed_durably();
         }
-        let in_session = matches!(self.hosts[h].role, Role::Owner(Track::InSession { .. }));
         match meta.state {
             State::Consistent => {
                 // The VM runs (or resumes) here: the store must say `recording` before it
@@ -313,13 +340,10 @@ impl World {
                 self.store_commit(h, &mut meta, &mut bitmap)?;
                 self.vm_moves_to(h, i);
             }
-            _ if in_session => {
-                // Post-copy cut: the session hands the marks back; RebuildNeeded follows.
-                self.set_role(h, Role::Owner(Track::Live { meta, bitmap }));
-            }
             _ => {
-                let epoch = meta.epoch;
-                self.set_role(h, Role::Owner(Track::InSession { epoch }));
+                // Post-copy ownership (the VM resumes here) or a cut post-copy (RebuildNeeded
+                // follows): owned, `incomplete`, every later write into this bitmap.
+                self.set_role(h, Role::Owner(Track::Live { meta, bitmap }));
                 self.vm_moves_to(h, i);
             }
         }

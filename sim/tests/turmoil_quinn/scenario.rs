@@ -384,6 +384,8 @@ async fn source(
                     set(&mut |r| r.error = Some(f.error.to_string()));
                     break 'session f.outcome;
                 }
+                // The report is the store: nothing to make durable.
+                Action::HandOver { .. } => session.handed_over_durably()?,
                 Action::Commit { .. } | Action::RebuildNeeded { .. } => {}
             }
             continue;
@@ -495,6 +497,7 @@ async fn destination(
             from: Some(conn.peer_name().to_string()),
             owned_epoch: None,
             retired_at: None,
+            epoch_unknown: None,
         }],
         allow_postcopy: true,
     });
@@ -510,15 +513,23 @@ async fn destination(
     let mut net = spawn_reader(r);
     let mut writes = plan.dst_writes.iter();
     let mut tick = interval(TICK);
-    // Writes the session could not take yet; added to the next commit (as the agent does).
+    // Writes made here before the first commit, held for it (the agent's rule,
+    // `AgentState::arriving`).
     let mut early: Vec<(u64, u64)> = Vec::new();
     let over = |s: &DestSession| s.phase() == "finished";
     let end = 'session: loop {
         while let Some(a) = session.poll_action() {
             match a {
                 Action::Commit { meta, mut bitmap } => {
+                    // `AgentState::adopt`: the session's bitmap ∪ the held writes ∪ what this
+                    // host already owns at that epoch.
                     for (o, l) in early.drain(..) {
                         bitmap.mark(o, l)?;
+                    }
+                    if let Some((m, owned)) = report.lock().expect("report lock").committed.as_ref()
+                        && m.epoch == meta.epoch
+                    {
+                        bitmap.merge(owned)?;
                     }
                     set(&mut |r| r.committed = Some((meta.clone(), bitmap.clone())));
                     session.committed_durably()?;
@@ -534,7 +545,7 @@ async fn destination(
                     set(&mut |r| r.error = Some(f.error.to_string()));
                     break 'session f.outcome;
                 }
-                Action::Retire { .. } => {}
+                Action::Retire { .. } | Action::HandOver { .. } => {}
             }
         }
         tokio::select! {
@@ -557,18 +568,16 @@ async fn destination(
                 }
                 let Some(batch) = writes.next() else { continue };
                 for &(o, l) in batch {
-                    if session.mark(o, l).is_err() {
-                        // The session hands marks to the agent's tracker after the final
-                        // commit: the store's copy takes them directly.
-                        let mut r = report.lock().expect("report lock");
-                        match r.committed.as_mut() {
-                            Some((meta, b)) if meta.state == State::Consistent => {
-                                b.mark(o, l)?;
-                            }
-                            _ => early.push((o, l)),
+                    // The agent records local writes itself: in what it owns once it
+                    // committed, held for the first commit before.
+                    let mut r = report.lock().expect("report lock");
+                    match r.committed.as_mut() {
+                        Some((_, b)) => {
+                            b.mark(o, l)?;
                         }
+                        None => early.push((o, l)),
                     }
-                    set(&mut |r| r.writes.push((o, l)));
+                    r.writes.push((o, l));
                 }
             }
         }

@@ -23,6 +23,19 @@ pub enum Action {
         /// The bitmap, as of the moment this action was polled.
         bitmap: Bitmap,
     },
+    /// Source: the Switchover is about to leave. Record durably that this host no longer owns
+    /// the disk (its copy becomes `incomplete`, "handed over"), then call
+    /// `handed_over_durably()`; the Switchover message follows only after that. If it cannot be
+    /// made durable, call `hand_over_failed()`: the switchover is withdrawn and the source keeps
+    /// the disk (docs/protocol.md §5.4).
+    HandOver {
+        /// The disk.
+        disk: DiskId,
+        /// The epoch the destination will own at.
+        epoch_next: u64,
+        /// Whether this is a post-copy switchover (the VM resumes on the destination).
+        postcopy: bool,
+    },
     /// Source: the destination durably owns the disk at `epoch`; retire the local copy.
     Retire {
         /// The disk.

@@ -31,6 +31,10 @@ pub struct Expectation {
     /// retirement record): offers *below* it come from a stale copy and are refused. An offer
     /// at that epoch is the owner's own (docs/protocol.md §6).
     pub retired_at: Option<u64>,
+    /// Why this host cannot tell which epochs of the disk are stale (an unreadable store file
+    /// or retirement record), if it cannot: every offer for the disk is refused then, with
+    /// this reason (docs/protocol.md §6).
+    pub epoch_unknown: Option<String>,
 }
 
 /// The destination agent's authorization decision, supplied up front.
@@ -124,7 +128,6 @@ enum Queued {
 ///                 Ok(Some(Incoming::Payload(p))) => d.on_payload(&p)?,   // d.expected_payload() bytes
 ///                 Ok(None) => break,
 ///                 Err(e) => { d.on_frame_error(e)?; break } } } }
-///         write = tracker.next() => d.mark(write.offset, write.len)?,   // after switchover only
 ///         closed = quic.closed() => d.peer_lost()?,
 ///     }
 ///     while let Some(a) = d.poll_action() {
@@ -141,8 +144,11 @@ enum Queued {
 /// }
 /// ```
 ///
-/// After it polled a `Commit` whose state is `consistent` (or a terminal `incomplete` one), the
-/// agent's own tracker owns the local marks: the session refuses further marks.
+/// The session holds only what the source sent. Writes made on this host (the VM may resume
+/// here at a post-copy switchover, or before the Switchover message arrives) are the agent's to
+/// record: it keeps them beside the session and merges every `Commit`'s bitmap into them
+/// under one lock, so no write can fall between the session and the store whatever order the
+/// driver sees events in (docs/protocol.md §5.5).
 #[derive(Debug)]
 pub struct DestSession {
     policy: DestPolicy,
@@ -154,16 +160,17 @@ pub struct DestSession {
     /// its memory is mapped only as chunks land ([`Bitmap::new`]), so the page faults of a
     /// large bitmap (~70 ms for 128 MiB) spread over the transfer instead of holding it up.
     src: Option<Bitmap>,
-    /// After switchover: `src` ∪ local marks, the bitmap this host owns.
+    /// After switchover: the bitmap this host owns as far as the source is concerned (`src`,
+    /// then every verified post-copy chunk OR-ed in); the agent merges its local marks.
     live: Option<Bitmap>,
-    /// Local marks made after Accept and before switchover.
-    early: Option<Bitmap>,
     round: u32,
     payload: Option<Pending>,
     epoch_next: u64,
     final_root: Option<Root>,
     durable_wait: VecDeque<CommitKind>,
-    handed_over: bool,
+    /// This host owns the disk: set at switchover, cleared only when a pre-copy final commit
+    /// fails (the source keeps the disk then).
+    owner: bool,
     postcopy: bool,
     state: State,
     counting: bool,
@@ -182,13 +189,12 @@ impl DestSession {
             offer: None,
             src: None,
             live: None,
-            early: None,
             round: 0,
             payload: None,
             epoch_next: 0,
             final_root: None,
             durable_wait: VecDeque::new(),
-            handed_over: false,
+            owner: false,
             postcopy: false,
             state: State::Incomplete,
             counting: false,
@@ -227,10 +233,7 @@ impl DestSession {
             } => {
                 let bitmap = match kind {
                     CommitKind::Ownership => self.live.clone(),
-                    CommitKind::Final | CommitKind::Terminal => {
-                        self.handed_over = true;
-                        self.live.take()
-                    }
+                    CommitKind::Final | CommitKind::Terminal => self.live.take(),
                 };
                 let offer = self.offer.as_ref()?;
                 self.durable_wait.push_back(kind);
@@ -376,6 +379,14 @@ impl DestSession {
         if exp.from.as_ref().is_some_and(|f| *f != self.peer_host) {
             let d = format!("disk {} is not expected from {}", o.disk, self.peer_host);
             self.refuse(RefuseReason::NotExpected, d, None);
+            return;
+        }
+        if let Some(why) = &exp.epoch_unknown {
+            let d = format!(
+                "this host cannot tell whether epoch {} of disk {} is stale: {why}",
+                o.epoch, o.disk
+            );
+            self.refuse(RefuseReason::StaleEpoch, d, None);
             return;
         }
         if let Some(owned) = exp.owned_epoch
@@ -653,7 +664,7 @@ impl DestSession {
             // this moment whatever follows; the bitmap stays incomplete until verified.
             self.final_root = Some(s.final_root);
             self.live = self.src.clone();
-            self.adopt_early();
+            self.owner = true;
             self.round += 1;
             self.phase = Phase::PostCopy;
             self.state = State::Incomplete;
@@ -722,19 +733,11 @@ impl DestSession {
         // docs/protocol.md §5.4: verified; take ownership at epoch + 1.
         self.final_root = Some(s.final_root);
         self.live = self.src.take();
-        self.adopt_early();
+        self.owner = true;
         self.state = State::Consistent;
         self.stats.rounds += 1;
         self.queue_commit(CommitKind::Final, State::Consistent, None);
         self.phase = Phase::Owner;
-    }
-
-    /// Fold marks made before switchover into the bitmap this host now owns.
-    fn adopt_early(&mut self) {
-        if let (Some(live), Some(early)) = (self.live.as_mut(), self.early.take()) {
-            // Same geometry by construction.
-            let _ = live.merge(&early);
-        }
     }
 
     /// The agent made the last polled Commit durable (fsync done).
@@ -764,7 +767,7 @@ impl DestSession {
         match self.phase {
             Phase::Done => {}
             Phase::Owner if kind == CommitKind::Final && !self.postcopy => {
-                self.handed_over = true;
+                self.owner = false;
                 self.live = None;
                 self.send(Message::Abort(Abort {
                     reason: AbortReason::Internal,
@@ -869,7 +872,6 @@ impl DestSession {
         self.queue.clear();
         self.src = None;
         self.live = None;
-        self.early = None;
         self.payload = None;
     }
 
@@ -982,52 +984,17 @@ impl DestSession {
         self.phase = Phase::Done;
     }
 
-    /// Where local marks go: the owned bitmap after switchover, or — between Accept and
-    /// switchover, when the VM may already write here (post-copy resumes before the Switchover
-    /// message arrives) — a side bitmap merged into the owned one at switchover.
-    fn mark_target(&mut self, op: &'static str) -> Result<&mut Bitmap, UsageError> {
-        let refuse = |phase| Err(UsageError::WrongPhase { op, phase });
-        if self.handed_over {
-            return refuse("tracking was handed to the store");
-        }
-        if self.live.is_some() {
-            return self.live.as_mut().map_or(refuse("not the owner"), Ok);
-        }
-        match (self.phase, self.offer.as_ref()) {
-            (Phase::Receiving, Some(o)) => {
-                let g = o.geom;
-                Ok(self.early.get_or_insert_with(|| Bitmap::new(g)))
-            }
-            _ => refuse("no disk accepted yet"),
-        }
-    }
-
-    /// A local write touched bytes `offset .. offset+len`. Accepted from Accept until the agent
-    /// takes over tracking with the final Commit; marks made before switchover are discarded if
-    /// the session ends without this host owning the disk.
-    pub fn mark(&mut self, offset: u64, len: u64) -> Result<u64, UsageError> {
-        Ok(self.mark_target("mark")?.mark(offset, len)?)
-    }
-
-    /// Local writes touched blocks `first .. end`.
-    pub fn mark_blocks(&mut self, first: u64, end: u64) -> Result<u64, UsageError> {
-        Ok(self.mark_target("mark_blocks")?.set_blocks(first, end))
-    }
-
-    /// OR a bitmap of local marks in.
-    pub fn local_marks(&mut self, marks: &Bitmap) -> Result<(), UsageError> {
-        Ok(self.mark_target("local_marks")?.merge(marks)?)
-    }
-
     /// Trust state of what this host holds: `incomplete` until every chunk and the final root
     /// are verified, then `consistent`.
     pub fn state(&self) -> State {
         self.state
     }
 
-    /// Whether this host owns the disk now (switchover accepted).
+    /// Whether this host owns the disk now: a switchover was accepted and, if it was a
+    /// pre-copy one, its commit did not fail (docs/protocol.md §6). The agent keeps an owned
+    /// disk whatever else fails; it forgets what it wrote only when this is `false`.
     pub fn owns(&self) -> bool {
-        self.phase.owns() || (self.phase == Phase::Done && self.final_root.is_some())
+        self.owner
     }
 
     /// What the session is doing, in words (for status displays and logs).
@@ -1048,5 +1015,10 @@ impl DestSession {
     /// The disk being received, once offered and accepted.
     pub fn disk(&self) -> Option<&DiskId> {
         self.offer.as_ref().map(|o| &o.disk)
+    }
+
+    /// The accepted disk's geometry (what the agent's local marks for it must use).
+    pub fn geometry(&self) -> Option<Geometry> {
+        self.offer.as_ref().map(|o| o.geom)
     }
 }

@@ -176,6 +176,9 @@ pub enum UsageError {
     /// `committed_durably` without a pending Commit.
     #[error("no commit is pending")]
     NoCommitPending,
+    /// `handed_over_durably` / `hand_over_failed` without a polled HandOver.
+    #[error("no hand-over is pending")]
+    NoHandOverPending,
     /// Post-copy was not offered or not negotiated.
     #[error("post-copy was not offered or not negotiated")]
     PostcopyUnavailable,

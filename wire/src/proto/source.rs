@@ -115,6 +115,9 @@ pub struct SourceSession {
     switched: Option<Switched>,
     /// Whether the Switchover message has been handed to the driver (polled).
     switch_sent: bool,
+    /// The Switchover withheld until the driver made the hand-over durable
+    /// ([`Action::HandOver`]), and whether that action has been polled.
+    withheld: Option<(Switchover, bool)>,
     postcopy_round: u32,
     counting: bool,
     stats: Stats,
@@ -161,6 +164,7 @@ impl SourceSession {
             unacked: VecDeque::new(),
             switched: None,
             switch_sent: false,
+            withheld: None,
             postcopy_round: 0,
             counting: false,
             stats: Stats::default(),
@@ -170,10 +174,17 @@ impl SourceSession {
 
     /// The next thing to do, or `None` until an event arrives.
     pub fn poll_action(&mut self) -> Option<Action> {
+        if matches!(self.withheld, Some((_, true))) {
+            // Nothing may follow the hand-over until it is durable (or withdrawn).
+            return None;
+        }
         if self.queue.is_empty() {
             self.stream_next();
         }
         let a = self.queue.pop_front()?;
+        if let (Action::HandOver { .. }, Some((_, polled))) = (&a, self.withheld.as_mut()) {
+            *polled = true;
+        }
         let n = match &a {
             Action::Send(m) => {
                 match m {
@@ -631,12 +642,20 @@ impl SourceSession {
             self.queue_deltas(self.round);
             self.sent.root()
         };
-        self.queue
-            .push_back(Action::Send(Message::Switchover(Switchover {
+        // docs/protocol.md §5.4: the hand-over is durable before the Switchover can leave.
+        self.queue.push_back(Action::HandOver {
+            disk: self.disk.clone(),
+            epoch_next,
+            postcopy,
+        });
+        self.withheld = Some((
+            Switchover {
                 epoch_next,
                 final_root,
                 postcopy,
-            })));
+            },
+            false,
+        ));
         self.switched = Some(Switched {
             epoch_next,
             final_root,
@@ -648,6 +667,43 @@ impl SourceSession {
         }
         self.phase = Phase::Switched;
         Ok(())
+    }
+
+    /// The driver made the polled [`Action::HandOver`] durable: the Switchover leaves next.
+    pub fn handed_over_durably(&mut self) -> Result<(), UsageError> {
+        match self.withheld.take() {
+            Some((sw, true)) if self.phase == Phase::Switched => {
+                self.queue.push_front(Action::Send(Message::Switchover(sw)));
+                Ok(())
+            }
+            other => {
+                self.withheld = other;
+                Err(UsageError::NoHandOverPending)
+            }
+        }
+    }
+
+    /// The driver could not make the polled [`Action::HandOver`] durable (e.g. the store is
+    /// full). Nothing of the switchover left this host, so it is withdrawn: the session is
+    /// back in its pre-copy rounds, the source still owns the disk, and a switchover may be
+    /// asked for again once the store is writable (docs/protocol.md §5.4).
+    pub fn hand_over_failed(&mut self) -> Result<(), UsageError> {
+        match self.withheld.take() {
+            Some((_, true)) if self.phase == Phase::Switched => {
+                // What was queued before the hand-over (the last delta) has been handed out and
+                // is part of `sent`; a later round or switchover carries on from there.
+                self.switched = None;
+                self.streaming = None;
+                self.counting = false;
+                self.postcopy_round = 0;
+                self.phase = Phase::Rounds;
+                Ok(())
+            }
+            other => {
+                self.withheld = other;
+                Err(UsageError::NoHandOverPending)
+            }
+        }
     }
 
     /// What the session is doing, in words (for status displays and logs).

@@ -48,6 +48,7 @@ fn policy(owned: Option<u64>) -> DestPolicy {
             from: None,
             owned_epoch: owned,
             retired_at: None,
+            epoch_unknown: None,
         }],
         allow_postcopy: true,
     }
@@ -111,7 +112,17 @@ struct Pump {
     d2s: Vec<u8>,
     sdec: FrameDecoder,
     ddec: FrameDecoder,
+    /// Every Commit as the agent stores it: the session's bitmap merged with the agent's local
+    /// marks (docs/protocol.md §5.5).
     commits: Vec<(CommitMeta, Bitmap)>,
+    /// The agent's side of a destination: local writes held from Accept until the first
+    /// Commit, then the owned bitmap every later write and Commit merges into.
+    held: Option<Bitmap>,
+    owned: Option<Bitmap>,
+    /// Hand-overs the source asked for (epoch_next), made durable at once unless
+    /// `fail_handover`.
+    handovers: Vec<u64>,
+    fail_handover: bool,
     rebuilds: Vec<String>,
     retired: Option<u64>,
     src_end: Option<End>,
@@ -134,6 +145,10 @@ impl Pump {
             sdec: FrameDecoder::new(),
             ddec: FrameDecoder::new(),
             commits: Vec::new(),
+            held: None,
+            owned: None,
+            handovers: Vec::new(),
+            fail_handover: false,
             rebuilds: Vec::new(),
             retired: None,
             src_end: None,
@@ -151,7 +166,10 @@ impl Pump {
             let Some(mut a) = self.src.poll_action() else {
                 break;
             };
-            n += 1;
+            // The hand-over is local bookkeeping, not a step on the stream.
+            if !matches!(a, Action::HandOver { .. }) {
+                n += 1;
+            }
             if let Some(t) = self.tamper.as_mut()
                 && !t(&mut a)
             {
@@ -166,6 +184,14 @@ impl Pump {
                 Action::SendPayload(p) => {
                     self.s2d.extend_from_slice(&p);
                     self.transcript.extend_from_slice(&p);
+                }
+                Action::HandOver { epoch_next, .. } => {
+                    self.handovers.push(epoch_next);
+                    if self.fail_handover {
+                        self.src.hand_over_failed().unwrap();
+                    } else {
+                        self.src.handed_over_durably().unwrap();
+                    }
                 }
                 Action::Retire { epoch, .. } => self.retired = Some(epoch),
                 Action::Finished(o) => self.src_end = Some(End::Finished(o)),
@@ -183,7 +209,15 @@ impl Pump {
             match a {
                 Action::Send(m) => self.d2s.extend_from_slice(&frame::encode(&m).unwrap()),
                 Action::SendPayload(p) => self.d2s.extend_from_slice(&p),
-                Action::Commit { meta, bitmap } => {
+                Action::Commit { meta, mut bitmap } => {
+                    // What the agent does: fold its local marks into what it stores.
+                    if let Some(h) = self.held.take() {
+                        bitmap.merge(&h).unwrap();
+                    }
+                    if let Some(o) = self.owned.take() {
+                        bitmap.merge(&o).unwrap();
+                    }
+                    self.owned = Some(bitmap.clone());
                     self.commits.push((meta, bitmap));
                     if self.auto_durable {
                         self.dst.committed_durably().unwrap();
@@ -256,6 +290,30 @@ impl Pump {
         self.deliver();
         self.pull_dst();
         self.deliver();
+    }
+
+    /// A write on the destination host, recorded the way the agent does: nothing to record it
+    /// in before the disk is accepted (`false`), held beside the session until the first
+    /// Commit, in the owned bitmap after it.
+    fn dst_mark(&mut self, offset: u64, len: u64) -> bool {
+        if let Some(o) = self.owned.as_mut() {
+            o.mark(offset, len).unwrap();
+            return true;
+        }
+        let Some(g) = self.dst.geometry() else {
+            return false;
+        };
+        self.held
+            .get_or_insert_with(|| Bitmap::new(g))
+            .mark(offset, len)
+            .unwrap();
+        true
+    }
+
+    fn dst_mark_blocks(&mut self, first: u64, end: u64) {
+        let g = self.dst.geometry().expect("disk accepted");
+        let b = g.granularity();
+        assert!(self.dst_mark(first * b, (end - first) * b));
     }
 
     fn last_commit(&self) -> &(CommitMeta, Bitmap) {
@@ -397,7 +455,7 @@ fn postcopy_merges_verified_source_chunks_with_local_marks() {
     p.src.switchover(true).unwrap();
     // The VM may resume (and write) on the destination before the Switchover message arrives.
     let mut local = Bitmap::new(g);
-    p.dst.mark_blocks(33, 35).unwrap();
+    p.dst_mark_blocks(33, 35);
     local.set_blocks(33, 35);
     // Deliver only the Switchover: the destination owns now and tracks locally at once.
     p.step_src(1);
@@ -407,17 +465,17 @@ fn postcopy_merges_verified_source_chunks_with_local_marks() {
     assert_eq!(p.commits[0].0.state, State::Incomplete);
     assert_eq!(p.commits[0].0.epoch, 2);
     assert!(p.commits[0].1.is_set(33) && p.commits[0].1.is_set(34));
-    let dst = &mut p.dst;
-    random_marks(
-        &mut rng,
-        100,
-        |o, l| {
-            dst.mark(o, l).unwrap();
-        },
-        &mut local,
-    );
+    let mut writes = Bitmap::new(g);
+    random_marks(&mut rng, 100, |o, l| drop(writes.mark(o, l)), &mut local);
+    for (o, l) in writes
+        .extents()
+        .map(|e| (e.offset, e.length))
+        .collect::<Vec<_>>()
+    {
+        assert!(p.dst_mark(o, l));
+    }
     // A local mark inside a chunk the source is about to replace must survive.
-    p.dst.mark_blocks(17, 18).unwrap();
+    p.dst_mark_blocks(17, 18);
     local.set_blocks(17, 18);
     p.run();
 
@@ -428,7 +486,7 @@ fn postcopy_merges_verified_source_chunks_with_local_marks() {
     assert_eq!(meta.epoch, 2);
     assert_eq!(bm, &union);
     assert_eq!(p.dst.state(), State::Consistent);
-    assert!(p.dst.mark(0, 1).is_err(), "tracking handed to the store");
+    assert_eq!(p.owned.as_ref(), Some(&union));
     let root = src_truth.root();
     assert_eq!(p.src_outcome(), Some(Outcome::Migrated { epoch: 2, root }));
     assert_eq!(p.dst_outcome(), Some(Outcome::Migrated { epoch: 2, root }));
@@ -504,6 +562,64 @@ fn switchover_in_the_middle_of_the_bulk_delivers_every_block() {
     }
 }
 
+/// docs/protocol.md §5.4: a hand-over the source cannot make durable (a full store) withdraws
+/// the switchover before anything of it leaves. The session is back in its rounds, nothing was
+/// committed on the destination, and a later switchover completes with every block: whether the
+/// first attempt cut the bulk, and in either mode.
+#[test]
+fn a_failed_hand_over_withdraws_the_switchover_and_a_later_one_completes() {
+    let per_chunk = CHUNK_BYTES as u64 * 8;
+    for (postcopy, mid_bulk) in [(false, false), (false, true), (true, false), (true, true)] {
+        let what = format!("postcopy {postcopy}, mid-bulk {mid_bulk}");
+        let g = geom();
+        let mut initial = Bitmap::new(g);
+        for c in 0..g.chunks() as u64 {
+            initial.set_blocks(c * per_chunk + 3, c * per_chunk + 500);
+        }
+        let mut truth = initial.clone();
+        let mode = if postcopy {
+            Mode::Postcopy
+        } else {
+            Mode::Precopy
+        };
+        let mut p = Pump::new(source(initial, 1, mode), DestSession::new(policy(None)));
+        if mid_bulk {
+            for _ in 0..2 {
+                p.step_src(1);
+            }
+            p.step_src(4);
+            assert!(p.src.is_streaming(), "{what}");
+        } else {
+            p.run();
+        }
+        p.src.mark_blocks(10, 20).unwrap();
+        truth.set_blocks(10, 20);
+        p.fail_handover = true;
+        p.src.switchover(postcopy).unwrap();
+        p.run();
+        assert_eq!(p.handovers, vec![2], "{what}");
+        assert!(p.commits.is_empty(), "{what}: nothing switched over");
+        assert!(!p.dst.owns(), "{what}");
+        assert_eq!(p.src_outcome(), None, "{what}: the session goes on");
+        assert_eq!(p.src.phase(), "running pre-copy rounds", "{what}");
+        // The VM kept running here: more writes, then a round, then the switchover again.
+        p.src
+            .mark_blocks(3 * per_chunk + 9, 3 * per_chunk + 11)
+            .unwrap();
+        truth.set_blocks(3 * per_chunk + 9, 3 * per_chunk + 11);
+        p.src.start_round().unwrap();
+        p.run();
+        p.fail_handover = false;
+        p.src.switchover(postcopy).unwrap();
+        p.run();
+        let (meta, got) = p.last_commit();
+        assert_eq!(meta.state, State::Consistent, "{what}");
+        assert_eq!(got, &truth, "{what}");
+        assert_eq!(p.retired, Some(2), "{what}");
+        assert_eq!(p.handovers, vec![2, 2], "{what}");
+    }
+}
+
 #[test]
 fn source_lost_mid_postcopy_leaves_dest_incomplete_with_local_marks() {
     let mut rng = Rng::seeded("source_lost_mid_postcopy_leaves_dest_incomplete_with_local_marks");
@@ -532,15 +648,15 @@ fn source_lost_mid_postcopy_leaves_dest_incomplete_with_local_marks() {
     p.src.switchover(true).unwrap();
     p.step_src(3); // Switchover + one post-copy chunk
     let mut local = Bitmap::new(g);
-    let dst = &mut p.dst;
-    random_marks(
-        &mut rng,
-        30,
-        |o, l| {
-            dst.mark(o, l).unwrap();
-        },
-        &mut local,
-    );
+    let mut writes = Bitmap::new(g);
+    random_marks(&mut rng, 30, |o, l| drop(writes.mark(o, l)), &mut local);
+    for (o, l) in writes
+        .extents()
+        .map(|e| (e.offset, e.length))
+        .collect::<Vec<_>>()
+    {
+        assert!(p.dst_mark(o, l));
+    }
     p.dst.peer_lost().unwrap();
     p.pull_dst();
 
@@ -568,7 +684,6 @@ fn source_lost_mid_postcopy_leaves_dest_incomplete_with_local_marks() {
     outside.subtract(&union).unwrap();
     assert!(outside.is_clean(), "no invented bits");
     assert!(bm.count() > local.count(), "verified source chunks merged");
-    assert!(p.dst.mark(0, 1).is_err());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -630,6 +745,28 @@ fn refuses_offers_below_the_epoch_this_host_handed_the_disk_over_to() {
     refuses_stale_offers(
         retired,
         &[(4, 5, false), (1, 5, false), (5, 5, true), (6, 5, true)],
+    );
+}
+
+#[test]
+fn an_unreadable_retirement_record_refuses_every_offer_and_says_so() {
+    // The agent says why it cannot tell which epochs are stale (an unreadable record, e.g.
+    // EMFILE): the refusal must carry that, not "older than epoch 18446744073709551615".
+    let mut p = policy(None);
+    p.expected[0].epoch_unknown =
+        Some("its retirement record cannot be read (Too many open files (os error 24))".into());
+    refuses_stale_offers(|_| p.clone(), &[(1, 0, false), (1000, 0, false)]);
+    let mut pump = Pump::new(
+        source(Bitmap::new(geom()), 7, Mode::Precopy),
+        DestSession::new(p),
+    );
+    pump.run();
+    let e = pump.src_end.as_ref().unwrap().error().unwrap().to_string();
+    assert!(
+        e.contains("retirement record cannot be read")
+            && e.contains("Too many open files")
+            && !e.contains(&u64::MAX.to_string()),
+        "{e}"
     );
 }
 
@@ -918,10 +1055,15 @@ fn local_misuse_is_a_usage_error_and_changes_nothing() {
         })
     );
     assert_eq!(p.dst.committed_durably(), Err(UsageError::NoCommitPending));
-    assert!(matches!(
-        p.dst.mark(0, 1),
-        Err(UsageError::WrongPhase { .. })
-    ));
+    assert_eq!(
+        p.src.handed_over_durably(),
+        Err(UsageError::NoHandOverPending)
+    );
+    assert_eq!(p.src.hand_over_failed(), Err(UsageError::NoHandOverPending));
+    assert!(
+        !p.dst_mark(0, 1),
+        "nothing to record a write in before Accept"
+    );
     assert!(matches!(
         p.src.start_round(),
         Err(UsageError::WrongPhase { .. })
@@ -1334,9 +1476,9 @@ mod fuzz {
         #![proptest_config(ProptestConfig::with_cases(96))]
 
         /// Random interleavings of writes, rounds, partial delivery, switchover (either mode)
-        /// and link loss. Whatever happens: at most one owner; a consistent commit is exactly
-        /// source writes ∪ destination writes; no commit invents a bit; local marks are never
-        /// dropped; the source retires only after a consistent commit.
+        /// and link loss. Whatever happens: at most one owner; a consistent commit holds every
+        /// source write; no commit invents a bit; local marks recorded by the agent are never
+        /// dropped from what it owns; the source retires only after a consistent commit.
         #[test]
         fn random_migrations_keep_the_safety_rule(
             ops in prop::collection::vec(op(), 1..40),
@@ -1363,14 +1505,14 @@ mod fuzz {
                         if !switched {
                             p.src.mark(o, l).unwrap();
                             src_truth.mark(o, l).unwrap();
-                        } else if p.dst.mark(o, l).is_ok() {
+                        } else if p.dst_mark(o, l) {
                             dst_truth.mark(o, l).unwrap();
                         }
                     }
                     Op::DestWrite(o, l) => {
                         let o = o % g.size();
                         let l = l.min(g.size() - o);
-                        if p.dst.mark(o, l).is_ok() {
+                        if p.dst_mark(o, l) {
                             dst_truth.mark(o, l).unwrap();
                         }
                     }
@@ -1407,15 +1549,17 @@ mod fuzz {
                 extra.subtract(&union).unwrap();
                 prop_assert!(extra.is_clean(), "commit invented bits");
                 if meta.state == State::Consistent {
-                    prop_assert_eq!(bm, &union);
+                    // Every source write is in it (local writes made after it went to the
+                    // owned bitmap, checked below).
+                    let mut missing = src_truth.clone();
+                    missing.subtract(bm).unwrap();
+                    prop_assert!(missing.is_clean(), "consistent commit lacks {} source blocks", missing.count());
                 }
             }
-            // Local marks made before the last commit are in it.
-            if let Some((_, last)) = p.commits.last()
-                && p.dst.mark(0, 1).is_err()
-            {
+            // Every local mark the agent recorded is in what it owns once a commit happened.
+            if let Some(owned) = p.owned.as_ref() {
                 let mut missing = dst_truth.clone();
-                missing.subtract(last).unwrap();
+                missing.subtract(owned).unwrap();
                 prop_assert!(missing.is_clean(), "local marks dropped");
             }
             let s = p.src_outcome();
