@@ -85,6 +85,7 @@ pub fn fixed_policy() -> DestPolicy {
             from: None,
             owned_epoch: None,
             retired_at: None,
+            epoch_unknown: None,
         }],
         allow_postcopy: true,
     }
@@ -126,6 +127,12 @@ struct Run {
     at_src: Side,
     /// Every block either side marked so far (with the source's starting bitmap).
     truth: Bitmap,
+    /// The destination agent's marks for the arriving disk: the agent holds them outside the
+    /// session and merges them into the committed bitmap at adoption (docs/protocol.md §5.5),
+    /// so a consistent commit together with these must cover `truth`.
+    held: Bitmap,
+    /// Source hand-overs polled and not yet answered.
+    handovers: u32,
     /// Source → destination bytes were forged: the safety checks are off.
     forged: bool,
     /// Destination → source bytes were forged: either side may now blame the other.
@@ -147,6 +154,8 @@ impl Run {
         let mut truth = Bitmap::new(cfg.bitmap.geometry());
         let _ = truth.merge(&cfg.bitmap);
         Run {
+            held: Bitmap::new(cfg.bitmap.geometry()),
+            handovers: 0,
             src: SourceSession::new(cfg).expect("valid source config"),
             dst: DestSession::new(policy),
             at_dst: Side::new(),
@@ -205,6 +214,13 @@ impl Run {
                     self.at_src.done = true;
                 }
                 Action::Finished(_) => self.at_src.done = true,
+                Action::HandOver { .. } => {
+                    if self.auto_durable {
+                        let _ = self.src.handed_over_durably();
+                    } else {
+                        self.handovers += 1;
+                    }
+                }
                 _ => {}
             }
         }
@@ -231,6 +247,7 @@ impl Run {
                         let mut missing = Bitmap::new(self.truth.geometry());
                         let _ = missing.merge(&self.truth);
                         let _ = missing.subtract(&bitmap);
+                        let _ = missing.subtract(&self.held);
                         assert!(
                             missing.is_clean(),
                             "safety rule: a consistent commit lacks blocks {:?}",
@@ -341,8 +358,10 @@ impl Run {
                 }
             }
             6 => {
+                // A write on the destination host, acknowledged by its agent into the held
+                // marks of the arriving disk.
                 let (off, len) = self.range(inp);
-                if self.dst.mark(off, len).is_ok() {
+                if self.held.mark(off, len).is_ok() {
                     let _ = self.truth.mark(off, len);
                 }
             }
@@ -351,6 +370,20 @@ impl Run {
             }
             8 => {
                 let _ = self.src.switchover(inp.u8() & 1 == 1);
+            }
+            9 if inp.u8() & 1 == 1 => {
+                if self.handovers > 0 {
+                    self.handovers -= 1;
+                    let _ = self.src.handed_over_durably();
+                } else {
+                    assert!(self.src.handed_over_durably().is_err());
+                }
+            }
+            10 if inp.u8() & 1 == 1 => {
+                if self.handovers > 0 {
+                    self.handovers -= 1;
+                    let _ = self.src.hand_over_failed();
+                }
             }
             9 => {
                 if self.commits > 0 {
@@ -484,7 +517,8 @@ fn scripts() -> Vec<Vec<u8>> {
         s.extend([6, 0x20, 0, 0, 0, 0, 0, 0, 0, 1, 0]); // destination early mark
         s.extend([4, 0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0]); // source mark in the last chunk
         s.extend([8, postcopy, 12]); // switchover, settle
-        s.extend([9, 12, 9, 12]); // commits durable, settle
+        s.extend([9, 1, 12]); // hand-over durable (the Switchover leaves), settle
+        s.extend([9, 0, 12, 9, 0, 12]); // commits durable, settle
         s
     };
     vec![
@@ -492,7 +526,7 @@ fn scripts() -> Vec<Vec<u8>> {
         pre(0x53, 1),
         pre(0x53, 0),
         // A post-copy cut by a lost source.
-        vec![4, 0x53, 0, 12, 8, 1, 2, 3, 0, 0x40, 11, 1, 12, 9, 9],
+        vec![4, 0x53, 0, 12, 8, 1, 9, 1, 2, 3, 0, 0x40, 11, 1, 12, 9, 0, 9, 0],
         // Refused: stale epoch (offered 0, owned 0).
         vec![2, 0x04, 0, 0, 12],
     ]

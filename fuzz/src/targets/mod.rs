@@ -13,6 +13,7 @@
 //! `fuzz/corpus/NAME/` (`cargo fuzz run seeds` writes them, see [`seeds`]).
 
 pub mod input;
+pub mod peer;
 
 /// A fuzz target.
 pub struct Target {
@@ -78,6 +79,7 @@ targets!(
     control,
     config,
     qmp,
+    nbd,
     peer_cert,
 );
 
