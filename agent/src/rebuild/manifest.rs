@@ -62,6 +62,42 @@ fn header_bytes(g: Geometry, root: &[u8; 32]) -> [u8; HEADER as usize] {
     h
 }
 
+/// Check a manifest's header against itself and the file's length `len`: magic, version,
+/// geometry, block count, and `len` = header + one entry per block. Returns the geometry and
+/// the root the entries must hash to. Pure (fuzzed: docs/fuzzing.md).
+pub fn parse_header(h: &[u8; HEADER as usize], len: u64) -> Result<(Geometry, [u8; 32]), String> {
+    if &h[..8] != MAGIC {
+        return Err("bad magic: not a bitferry block manifest".into());
+    }
+    let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+    if version != VERSION {
+        return Err(format!(
+            "unknown version {version} (this build reads {VERSION})"
+        ));
+    }
+    let (size, granularity, blocks) = (u64_at(h, 16), u64_at(h, 24), u64_at(h, 32));
+    let geometry = Geometry::new(size, granularity)
+        .map_err(|e| format!("size {size} / granularity {granularity}: {e}"))?;
+    if blocks != geometry.blocks() {
+        return Err(format!(
+            "header says {blocks} blocks but size {size} at granularity {granularity} has {}",
+            geometry.blocks()
+        ));
+    }
+    let expected = blocks
+        .checked_mul(ENTRY as u64)
+        .and_then(|e| e.checked_add(HEADER))
+        .ok_or("block count overflows")?;
+    if len != expected {
+        return Err(format!(
+            "file has {len} bytes, but {blocks} entries need {expected} (truncated or padded)"
+        ));
+    }
+    let mut root = [0u8; 32];
+    root.copy_from_slice(&h[40..72]);
+    Ok((geometry, root))
+}
+
 impl Manifest {
     /// Open and verify a manifest: header, geometry, length, and the root over all entries.
     pub fn open(path: &Path) -> Result<Manifest, RebuildError> {
@@ -79,46 +115,7 @@ impl Manifest {
         let mut h = [0u8; HEADER as usize];
         file.read_exact(&mut h)
             .map_err(|e| RebuildError::io(path, e))?;
-        if &h[..8] != MAGIC {
-            return Err(bad(path, "bad magic: not a bitferry block manifest"));
-        }
-        let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-        if version != VERSION {
-            return Err(bad(
-                path,
-                format!("unknown version {version} (this build reads {VERSION})"),
-            ));
-        }
-        let (size, granularity, blocks) = (u64_at(&h, 16), u64_at(&h, 24), u64_at(&h, 32));
-        let geometry = Geometry::new(size, granularity).map_err(|e| {
-            bad(
-                path,
-                format!("size {size} / granularity {granularity}: {e}"),
-            )
-        })?;
-        if blocks != geometry.blocks() {
-            return Err(bad(
-                path,
-                format!(
-                    "header says {blocks} blocks but size {size} at granularity {granularity} has {}",
-                    geometry.blocks()
-                ),
-            ));
-        }
-        let expected = blocks
-            .checked_mul(ENTRY as u64)
-            .and_then(|e| e.checked_add(HEADER))
-            .ok_or_else(|| bad(path, "block count overflows"))?;
-        if len != expected {
-            return Err(bad(
-                path,
-                format!(
-                    "file has {len} bytes, but {blocks} entries need {expected} (truncated or padded)"
-                ),
-            ));
-        }
-        let mut root = [0u8; 32];
-        root.copy_from_slice(&h[40..72]);
+        let (geometry, root) = parse_header(&h, len).map_err(|reason| bad(path, reason))?;
         // Stream the entries through the hasher in bounded pieces.
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; 1 << 20];
