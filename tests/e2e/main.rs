@@ -1,6 +1,7 @@
 //! bitferry end-to-end tests: real `bitferry` processes, real files, QEMU tools as oracles.
 //! One test binary with modules, so it links once.
 
+mod campaign;
 mod common;
 
 mod agent_control;
@@ -8,6 +9,7 @@ mod bench_cli;
 mod bitmap_cli;
 mod cert;
 mod demo;
+mod kill_campaign;
 mod migrate;
 mod migrate_refusals;
 mod qcow2;
