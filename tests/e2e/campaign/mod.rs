@@ -581,6 +581,8 @@ pub struct MarkCounts {
     pub refused_switchover: u64,
     /// … that failed otherwise (agent down, disk unknown, …): not acknowledged.
     pub failed: u64,
+    /// Failures by where they happened and why (numbers replaced by `N`).
+    pub why_failed: BTreeMap<String, u64>,
 }
 
 impl MarkCounts {
@@ -591,7 +593,29 @@ impl MarkCounts {
         self.forwarded += o.forwarded;
         self.refused_switchover += o.refused_switchover;
         self.failed += o.failed;
+        for (k, v) in &o.why_failed {
+            *self.why_failed.entry(k.clone()).or_default() += v;
+        }
     }
+}
+
+/// A failed CLI call's reason, with numbers replaced by `N` so they group.
+fn why(out: &CliOut) -> String {
+    let text = serde_json::from_str::<Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| out.stderr.lines().last().unwrap_or("").to_string());
+    let mut norm = String::new();
+    for ch in text.chars() {
+        if ch.is_ascii_digit() {
+            if !norm.ends_with('N') {
+                norm.push('N');
+            }
+        } else {
+            norm.push(ch);
+        }
+    }
+    norm.chars().take(100).collect()
 }
 
 struct MarkShared {
@@ -788,12 +812,15 @@ fn marker(s: &MarkShared, mut rng: StdRng, limit: Option<usize>) {
                 ));
             } else {
                 c.failed += 1;
+                c.why_failed
+                    .insert(format!("destination, after a refusal: {}", why(&out2)), 1);
             }
         } else {
             if out.stderr.contains("NOT recorded") || out.stdout.contains("NOT recorded") {
                 c.refused_switchover += 1;
             }
             c.failed += 1;
+            c.why_failed.insert(format!("vm host: {}", why(&out)), 1);
         }
         if c.failed > 0 {
             // The host is down or does not know the disk: do not spin.
@@ -1763,6 +1790,9 @@ impl Campaign {
             m.failed,
             st.written as f64 / MIB as f64
         );
+        for (k, v) in &m.why_failed {
+            let _ = writeln!(s, "  {v:>5}  failed on the {k}");
+        }
         let _ = writeln!(
             s,
             "no owner after {} iteration(s); clean stops done before their SIGKILL: {}; \
