@@ -10,6 +10,7 @@ mod bitmap_cli;
 mod cert;
 mod demo;
 mod kill_campaign;
+mod load;
 mod migrate;
 mod migrate_refusals;
 mod qcow2;
