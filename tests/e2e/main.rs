@@ -8,6 +8,7 @@ mod agent_control;
 mod bench_cli;
 mod bitmap_cli;
 mod cert;
+mod clean_stop;
 mod demo;
 mod kill_campaign;
 mod load;
