@@ -1674,12 +1674,19 @@ impl Campaign {
                 let observed = match self.hosts[src].call(&Request::RebuildStatus {
                     disk: Some(disk.parse().unwrap()),
                 }) {
-                    Ok(v) => format!(
-                        "rebuild {} at {}/{}",
-                        v["state"].as_str().unwrap_or("?"),
-                        v["done"],
-                        v["total"]
-                    ),
+                    Ok(v) => {
+                        let (done, total) = (
+                            v["done"].as_u64().unwrap_or(0),
+                            v["total"].as_u64().unwrap_or(1).max(1),
+                        );
+                        // Grouped by tenths of the scan, so the summary stays short.
+                        format!(
+                            "rebuild {}, {}0-{}0 % scanned",
+                            v["state"].as_str().unwrap_or("?"),
+                            done * 10 / total,
+                            done * 10 / total + 1
+                        )
+                    }
                     Err(_) => "no rebuild".into(),
                 };
                 kill_at = Instant::now();
