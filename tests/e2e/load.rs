@@ -125,6 +125,8 @@ fn load_256_concurrent_migrations() {
             &a,
             &Request::Show {
                 disk: d.parse().unwrap(),
+                offset: None,
+                limit: None,
             },
         );
         roots.push(s["root"].as_str().unwrap().to_string());
@@ -158,6 +160,8 @@ fn load_256_concurrent_migrations() {
             &b,
             &Request::Show {
                 disk: d.parse().unwrap(),
+                offset: None,
+                limit: None,
             },
         );
         assert_eq!(s["root"].as_str(), Some(root.as_str()), "{d} on B: {s}");
@@ -168,6 +172,8 @@ fn load_256_concurrent_migrations() {
             &a.control,
             &Request::Show {
                 disk: d.parse().unwrap(),
+                offset: None,
+                limit: None,
             },
             Some(Duration::from_secs(20)),
         );

@@ -499,9 +499,20 @@ async fn locked<T: Send + 'static>(
     f: impl FnOnce(&mut super::state::AgentState) -> Result<T> + Send + 'static,
 ) -> Result<T> {
     let shared = shared.clone();
-    tokio::task::spawn_blocking(move || f(&mut shared.lock().expect("state lock")))
-        .await
-        .map_err(|e| anyhow::anyhow!("request panicked: {e}"))?
+    tokio::task::spawn_blocking(move || {
+        let mut st = shared.lock().expect("state lock");
+        // After the last commit nothing may be acknowledged: a mark applied now would be in
+        // memory only, and the agent is about to exit.
+        if st.is_closed() {
+            anyhow::bail!(
+                "the agent is stopping: this request was NOT executed (a mark was not \
+                 recorded); send it again to the agent once it runs"
+            );
+        }
+        f(&mut st)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("request panicked: {e}"))?
 }
 
 async fn start_migration(

@@ -118,6 +118,10 @@ pub struct AgentState {
     flushes: u64,
     /// The store's directory, for reads that run outside the state lock (`verify`).
     store_dir: Option<std::path::PathBuf>,
+    /// [`AgentState::close`] ran: every bitmap has been committed for the last time, so no
+    /// request may be served any more (a mark applied now would be acknowledged and in no file:
+    /// the kill campaign's clean-stop finding).
+    closed: bool,
 }
 
 impl AgentState {
@@ -163,6 +167,7 @@ impl AgentState {
             started: Instant::now(),
             flushes: 0,
             store_dir: None,
+            closed: false,
         })
     }
 
@@ -259,6 +264,7 @@ impl AgentState {
 
     /// Clean shutdown: every `recording` bitmap is committed back as `consistent`.
     pub fn close(&mut self) -> Result<(), StoreError> {
+        self.closed = true;
         self.stop_rebuilds();
         for t in self.disks.values_mut() {
             if let Some(b) = t.bits.as_mut()
@@ -272,6 +278,11 @@ impl AgentState {
             }
         }
         Ok(())
+    }
+
+    /// Whether [`AgentState::close`] has run (the agent is stopping; requests are refused).
+    pub fn is_closed(&self) -> bool {
+        self.closed
     }
 
     fn tracked(&mut self, disk: &DiskId) -> Result<&mut Tracked> {
