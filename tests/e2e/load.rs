@@ -86,8 +86,12 @@ fn load_256_concurrent_migrations() {
         .iter()
         .map(|d| format!("[[expect]]\ndisk = \"{d}\"\nfrom = \"host-a\"\n"))
         .collect();
-    write_config(&dir.path().join("a"), "host-a", &ca, "");
-    write_config(&dir.path().join("b"), "host-b", &ca, &expects);
+    // Every disk's `bitferry migrate` holds a control connection while it runs, so 256 of them
+    // plus the test's own calls exceed the default cap of 256 connections (docs/operations.md
+    // §Limits): an operator running this many at once raises it the same way.
+    let limits = "[control_limits]\nmax_connections = 1024\n";
+    write_config(&dir.path().join("a"), "host-a", &ca, limits);
+    write_config(&dir.path().join("b"), "host-b", &ca, &format!("{limits}{expects}"));
     let a = AgentProc::start(&dir.path().join("a"), "host-a", &ca, "");
     let b = AgentProc::start(&dir.path().join("b"), "host-b", &ca, "");
     let (a0, _) = memory(a.child.id());
