@@ -91,7 +91,12 @@ fn load_256_concurrent_migrations() {
     // §Limits): an operator running this many at once raises it the same way.
     let limits = "[control_limits]\nmax_connections = 1024\n";
     write_config(&dir.path().join("a"), "host-a", &ca, limits);
-    write_config(&dir.path().join("b"), "host-b", &ca, &format!("{limits}{expects}"));
+    write_config(
+        &dir.path().join("b"),
+        "host-b",
+        &ca,
+        &format!("{limits}{expects}"),
+    );
     let a = AgentProc::start(&dir.path().join("a"), "host-a", &ca, "");
     let b = AgentProc::start(&dir.path().join("b"), "host-b", &ca, "");
     let (a0, _) = memory(a.child.id());
