@@ -179,7 +179,7 @@ fn seeds() -> Vec<Vec<u8>> {
     err.extend_from_slice(b"no");
     let mut seeds = vec![
         server(size, &[dirty.clone(), alloc.clone(), read[0].clone(), read[1].clone()]),
-        server(size, &[dirty.clone()]),
+        server(size, std::slice::from_ref(&dirty)),
         server(size, &[reply(done, proto::REPLY_TYPE_ERROR, 1, &err)]),
         server(size, &[]),
     ];
