@@ -1710,6 +1710,8 @@ fn committed_durably_before_the_commit_is_polled_is_refused() {
             match a {
                 Action::Send(m) => d.handle(m).unwrap(),
                 Action::SendPayload(p) => d.on_payload(&p).unwrap(),
+                // The hand-over is recorded at once, so the Switchover leaves.
+                Action::HandOver { .. } => s.handed_over_durably().unwrap(),
                 _ => {}
             }
         }
