@@ -34,9 +34,24 @@ pub fn execute(dir: &Path, req: Request) -> Result<Value> {
             store.commit(&mut meta, &mut bitmap)?;
             Ok(mark_report(&meta, &bitmap, newly))
         }
-        Request::Show { disk } => {
+        Request::Show {
+            disk,
+            offset,
+            limit,
+        } => {
             let store = Store::open(dir, Access::ReadOnly)?;
-            Ok(report::loaded(&disk, &mut store.load(&disk)?))
+            let mut l = store.load(&disk)?;
+            let (Some(meta), Some(bits)) = (l.meta.as_ref(), l.bitmap.as_mut()) else {
+                return Ok(report::loaded(&disk, &mut l));
+            };
+            let reason = l.reason.clone();
+            report::bitmap_page(
+                meta,
+                Some(bits),
+                reason.as_deref(),
+                offset.unwrap_or(0),
+                limit,
+            )
         }
         Request::Verify { disk } => {
             let store = Store::open(dir, Access::ReadOnly)?;
@@ -127,15 +142,26 @@ pub fn create_entry(
     Ok((meta, bitmap))
 }
 
-/// Apply every range, or none if any is out of bounds. Returns blocks newly set.
+/// Apply every range, or none if any is out of bounds. Returns blocks newly set. Costs the
+/// ranges' blocks, whatever the bitmap's size (finding F5).
 pub fn mark_all(bitmap: &mut Bitmap, ranges: &[(u64, u64)]) -> Result<u64> {
-    let mut probe = Bitmap::new(bitmap.geometry());
-    for (o, l) in ranges {
-        probe.mark(*o, *l)?;
+    let size = bitmap.geometry().size();
+    if let Some(&(offset, length)) = ranges
+        .iter()
+        .find(|(o, l)| o.checked_add(*l).is_none_or(|end| end > size))
+    {
+        return Err(wire::RangeError {
+            offset,
+            length,
+            size,
+        }
+        .into());
     }
-    let before = bitmap.count();
-    bitmap.merge(&probe)?;
-    Ok(bitmap.count() - before)
+    let mut newly = 0;
+    for (o, l) in ranges {
+        newly += bitmap.mark(*o, *l)?;
+    }
+    Ok(newly)
 }
 
 /// The `bitmap mark` report.

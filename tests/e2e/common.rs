@@ -56,6 +56,19 @@ pub fn json_in(store: &std::path::Path, args: &[&str]) -> serde_json::Value {
     })
 }
 
+/// How many blocks set in `truth` the extents of a `show` reply (`[{"offset", "length"}]`) do
+/// not cover: 0 means the reported bitmap is a superset of `truth`.
+pub fn blocks_missing(extents: &[serde_json::Value], truth: &wire::Bitmap) -> u64 {
+    let mut got = wire::Bitmap::new(truth.geometry());
+    for e in extents {
+        got.mark(e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap())
+            .unwrap();
+    }
+    let mut lost = truth.clone();
+    lost.subtract(&got).unwrap();
+    lost.count()
+}
+
 /// A seed from `BITFERRY_TEST_SEED` or fresh, printed so a failure can be replayed.
 pub fn seed(test: &str) -> u64 {
     let s = std::env::var("BITFERRY_TEST_SEED")

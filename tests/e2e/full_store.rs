@@ -3,7 +3,7 @@
 //! a filler file and later frees; the disk is what runs out, exactly as it would in production.
 //! Mounting needs root (CI runs as root); the test says so if it cannot.
 
-use crate::common::{AgentProc, cluster_ca};
+use crate::common::{AgentProc, blocks_missing, cluster_ca};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -71,14 +71,7 @@ fn wait(agent: &AgentProc, what: &str, done: impl Fn(&Value) -> bool) -> Value {
 }
 
 fn extents_cover(show: &Value, truth: &Bitmap) -> bool {
-    let mut got = Bitmap::new(truth.geometry());
-    for e in show["extents"].as_array().expect("extents") {
-        got.mark(e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap())
-            .unwrap();
-    }
-    let mut lost = truth.clone();
-    lost.subtract(&got).unwrap();
-    lost.is_clean()
+    blocks_missing(show["extents"].as_array().expect("extents"), truth) == 0
 }
 
 fn mark(agent: &AgentProc, truth: &mut Bitmap, off: u64, len: u64) -> std::process::Output {

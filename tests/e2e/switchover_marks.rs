@@ -9,7 +9,7 @@
 //! only grows). `BITFERRY_SWITCHOVERS` sets the number of migrations (default 200: 100 of each
 //! kind); the seed is printed and `BITFERRY_TEST_SEED` replays the marks' ranges.
 
-use crate::common::{AgentProc, cluster_ca, seed};
+use crate::common::{AgentProc, blocks_missing, cluster_ca, seed};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Write};
@@ -49,6 +49,28 @@ impl Control {
         let mut resp = String::new();
         self.r.read_line(&mut resp).expect("read response");
         serde_json::from_str(&resp).unwrap_or_else(|e| panic!("bad response {resp:?}: {e}"))
+    }
+
+    /// `show` of `disk` in pages, as `bitferry bitmap show` asks: the first page's result
+    /// without its extents, and every extent of every page. The marks of a long run outgrow one
+    /// reply (`SHOW_PAGE_MAX` extents), and an unpaged request is refused.
+    fn show_all(&mut self, disk: &str) -> (Value, Vec<Value>) {
+        let mut head = None;
+        let mut extents = Vec::new();
+        let mut offset = 0u64;
+        loop {
+            let mut page = self.ok(&json!({
+                "cmd": "show", "disk": disk, "limit": 100_000, "offset": offset
+            }));
+            extents.extend(page["extents"].as_array().expect("extents").iter().cloned());
+            let next = page.get("next_offset").and_then(Value::as_u64);
+            page.as_object_mut().unwrap().remove("extents");
+            head.get_or_insert(page);
+            match next {
+                Some(n) => offset = n,
+                None => return (head.unwrap(), extents),
+            }
+        }
     }
 
     /// A request that must succeed; its `result`.
@@ -111,17 +133,6 @@ fn wait_until(
 }
 
 /// Blocks of `truth` missing from the extents of a `bitmap show` report.
-fn missing(show: &Value, truth: &Bitmap) -> u64 {
-    let mut got = Bitmap::new(truth.geometry());
-    for e in show["extents"].as_array().expect("extents") {
-        got.mark(e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap())
-            .unwrap();
-    }
-    let mut lost = truth.clone();
-    lost.subtract(&got).unwrap();
-    lost.count()
-}
-
 #[test]
 fn every_mark_the_destination_acknowledges_around_a_switchover_is_kept() {
     let switchovers: usize = std::env::var("BITFERRY_SWITCHOVERS")
@@ -199,17 +210,17 @@ fn every_mark_the_destination_acknowledges_around_a_switchover_is_kept() {
                 acked_total += 1;
             }
         }
-        let show = ctl[dst].ok(&json!({"cmd": "show", "disk": DISK}));
+        let (show, extents) = ctl[dst].show_all(DISK);
         assert_eq!(show["state"], "recording", "migration {i}: {show}");
         assert_eq!(show["epoch"], (i + 2) as u64, "migration {i}: {show}");
-        let lost = missing(&show, &truth);
+        let lost = blocks_missing(&extents, &truth);
         if lost > 0 {
             lost_runs.push(format!(
                 "migration {i} (postcopy={postcopy}): {lost} acknowledged blocks missing"
             ));
             // Carry on from the owner's bitmap as it is, so later migrations are judged alone.
             truth = Bitmap::new(truth.geometry());
-            for e in show["extents"].as_array().unwrap() {
+            for e in &extents {
                 truth
                     .mark(e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap())
                     .unwrap();

@@ -14,6 +14,7 @@ use crate::error::{DecodeError, RangeError};
 use crate::geometry::{CHUNK_BYTES, Geometry};
 use crate::tree::{Cv, HashTree, Root};
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 const WORDS_PER_CHUNK: usize = CHUNK_BYTES / 8;
 
@@ -35,7 +36,20 @@ pub struct Bitmap {
     /// write to `words` sets its chunk's bit first; only [`Bitmap::clear_chunk`] clears one.
     touched: Vec<u64>,
     tree: HashTree,
+    /// Dirty blocks per chunk, or [`STALE`] until counted again after a change: `count` costs
+    /// one popcount of each chunk changed since the last count, not of the whole bitmap
+    /// (finding F5: a mark's report used to recount every dirty chunk). Atomics only so that
+    /// `count(&self)` can fill the cache; the bitmap is never shared mutably.
+    counts: Vec<AtomicU32>,
+    /// The sum of `counts`, or [`STALE_TOTAL`]: a mark adds what it newly set, so its report's
+    /// count costs nothing however many chunks the bitmap has (16 TiB at 4 KiB is 8,192 chunks).
+    total: AtomicU64,
 }
+
+/// A chunk's cached count is out of date.
+const STALE: u32 = u32::MAX;
+/// The cached total is out of date.
+const STALE_TOTAL: u64 = u64::MAX;
 
 /// Copies only the touched chunks into fresh lazily zeroed memory: cloning a sparse bitmap costs
 /// its dirty chunks, not its size.
@@ -51,6 +65,12 @@ impl Clone for Bitmap {
             words,
             touched: self.touched.clone(),
             tree: self.tree.clone(),
+            counts: self
+                .counts
+                .iter()
+                .map(|c| AtomicU32::new(c.load(Ordering::Relaxed)))
+                .collect(),
+            total: AtomicU64::new(self.total.load(Ordering::Relaxed)),
         }
     }
 }
@@ -74,6 +94,8 @@ impl Bitmap {
             words: vec![0; geom.blocks().div_ceil(64) as usize],
             touched: vec![0; geom.chunks().div_ceil(64)],
             tree: HashTree::new(geom.chunks()),
+            counts: (0..geom.chunks()).map(|_| AtomicU32::new(0)).collect(),
+            total: AtomicU64::new(0),
             geom,
         }
     }
@@ -110,6 +132,7 @@ impl Bitmap {
             return 0;
         }
         let (fw, lw) = ((first / 64) as usize, ((end - 1) / 64) as usize);
+        let total = *self.total.get_mut();
         let mut newly = 0u64;
         for w in fw..=lw {
             let lo = if w == fw { first % 64 } else { 0 };
@@ -127,8 +150,12 @@ impl Bitmap {
                 newly += u64::from(added.count_ones());
                 self.touch(c);
                 self.words[w] = old | added;
-                self.tree.invalidate(c);
+                self.changed(c);
             }
+        }
+        // Exactly `newly` bits were added, so a known total stays known.
+        if total != STALE_TOTAL {
+            *self.total.get_mut() = total + newly;
         }
         newly
     }
@@ -141,13 +168,34 @@ impl Bitmap {
             && self.words[w] >> (block % 64) & 1 == 1
     }
 
-    /// Number of dirty blocks.
+    /// Number of dirty blocks. Counts only the chunks changed since the last call; the rest
+    /// come from the cache.
     pub fn count(&self) -> u64 {
-        (0..self.chunks())
+        let cached = self.total.load(Ordering::Relaxed);
+        if cached != STALE_TOTAL {
+            return cached;
+        }
+        let total = (0..self.chunks())
             .filter(|&c| self.is_touched(c))
-            .flat_map(|c| self.chunk_words(c))
-            .map(|w| u64::from(w.count_ones()))
-            .sum()
+            .map(|c| {
+                let cached = self.counts[c].load(Ordering::Relaxed);
+                if cached != STALE {
+                    return u64::from(cached);
+                }
+                let n: u32 = self.chunk_words(c).iter().map(|w| w.count_ones()).sum();
+                self.counts[c].store(n, Ordering::Relaxed);
+                u64::from(n)
+            })
+            .sum();
+        self.total.store(total, Ordering::Relaxed);
+        total
+    }
+
+    /// Chunk `c`'s words changed: its hash and its count must be computed again.
+    fn changed(&mut self, c: usize) {
+        self.tree.invalidate(c);
+        *self.counts[c].get_mut() = STALE;
+        *self.total.get_mut() = STALE_TOTAL;
     }
 
     /// Whether no block is dirty.
@@ -215,7 +263,7 @@ impl Bitmap {
             }
             self.touch(c);
             if changed {
-                self.tree.invalidate(c);
+                self.changed(c);
             }
         }
         Ok(())
@@ -254,6 +302,8 @@ impl Bitmap {
             self.words[r].fill(0);
             self.tree.invalidate(i);
         }
+        *self.counts[i].get_mut() = 0;
+        *self.total.get_mut() = STALE_TOTAL;
         self.touched[i / 64] &= !(1 << (i % 64));
     }
 
@@ -287,6 +337,10 @@ impl Bitmap {
         let mut b = Bitmap::new(geom);
         store_le(&mut b.words, raw);
         b.touched.fill(u64::MAX);
+        for c in &mut b.counts {
+            *c.get_mut() = STALE;
+        }
+        *b.total.get_mut() = STALE_TOTAL;
         b.check_tail()?;
         Ok(b)
     }
@@ -332,12 +386,12 @@ impl Bitmap {
             // of a lazily zeroed bitmap, not a copy-on-write one).
             self.touch(i);
             store_le(&mut self.words[words], raw);
-            self.tree.invalidate(i);
+            self.changed(i);
             return Ok(());
         }
         // In place, word by word: this is the migration bulk's hot path (bench migrate).
         if load_le(&mut self.words[words], raw, or) {
-            self.tree.invalidate(i);
+            self.changed(i);
         }
         Ok(())
     }
@@ -359,6 +413,8 @@ impl Bitmap {
         self.touch(i);
         store_le(&mut self.words[words], raw);
         self.tree.set_leaf(i, cv);
+        *self.counts[i].get_mut() = STALE;
+        *self.total.get_mut() = STALE_TOTAL;
         Ok(())
     }
 
@@ -394,6 +450,7 @@ impl Bitmap {
             words,
             touched,
             tree,
+            ..
         } = self;
         tree.refresh(|i, buf| chunk_bytes(*geom, words, touched, i, buf))
     }

@@ -19,10 +19,29 @@ pub const MAX_BLOCKS: u64 = 1 << 34;
 pub const CHUNK_BYTES: usize = 64 << 10;
 
 /// A validated (size, granularity) pair.
+///
+/// Deserializing validates too (through [`Geometry::new`]): a geometry read from a file or a
+/// peer is refused, not trusted, when it breaks the rules (a granularity of 0 used to divide
+/// by zero on the first `blocks()`; found by the `store_file` fuzz target, docs/fuzzing.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "UncheckedGeometry")]
 pub struct Geometry {
     size: u64,
     granularity: u64,
+}
+
+/// The serialized form of a [`Geometry`], before it is checked (same fields, same layout).
+#[derive(Deserialize)]
+struct UncheckedGeometry {
+    size: u64,
+    granularity: u64,
+}
+
+impl TryFrom<UncheckedGeometry> for Geometry {
+    type Error = GeometryError;
+    fn try_from(g: UncheckedGeometry) -> Result<Self, GeometryError> {
+        Geometry::new(g.size, g.granularity)
+    }
 }
 
 impl Geometry {
@@ -82,5 +101,33 @@ impl Geometry {
     /// Chunk that holds block `block`.
     pub fn chunk_of_block(&self, block: u64) -> usize {
         (block / (CHUNK_BYTES as u64 * 8)) as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deserializing_checks_the_geometry_like_new() {
+        let good = Geometry::new(1 << 30, 65536).unwrap();
+        let bytes = postcard::to_stdvec(&good).unwrap();
+        assert_eq!(postcard::from_bytes::<Geometry>(&bytes), Ok(good));
+        // The layout did not change: two varints, size then granularity.
+        assert_eq!(bytes, postcard::to_stdvec(&(1u64 << 30, 65536u64)).unwrap());
+        for (size, granularity) in [
+            (1u64 << 30, 0u64),
+            (1 << 30, 1000),
+            (1 << 30, 256),
+            (1 << 30, 1 << 27),
+            (0, 65536),
+            (u64::MAX, 512),
+        ] {
+            let bytes = postcard::to_stdvec(&(size, granularity)).unwrap();
+            assert!(
+                postcard::from_bytes::<Geometry>(&bytes).is_err(),
+                "{size} / {granularity} accepted"
+            );
+        }
     }
 }

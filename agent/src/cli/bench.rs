@@ -24,6 +24,23 @@ pub enum BenchCmd {
     /// Migration: switchover bytes against QEMU's stop-and-copy payload at several disk sizes,
     /// and dense bulk throughput against raw quinn.
     Migrate(MigrateBenchArgs),
+    /// One `bitmap mark` in the agent as disks grow, against the smallest disk and against one
+    /// full recount of the bitmap (what each mark cost before).
+    Mark(MarkBenchArgs),
+}
+
+/// `bench mark` arguments.
+#[derive(Debug, Args)]
+pub struct MarkBenchArgs {
+    /// Disk sizes; the first is the baseline. Each is half dirty.
+    #[arg(long, value_parser = parse_size, value_delimiter = ',', default_value = "64G,1T,16T")]
+    pub sizes: Vec<u64>,
+    /// Granularity.
+    #[arg(long, value_parser = parse_size, default_value = "4K")]
+    pub granularity: u64,
+    /// Marks timed per size.
+    #[arg(long, default_value_t = 2000)]
+    pub marks: usize,
 }
 
 /// `bench migrate` arguments.
@@ -131,6 +148,16 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<()> {
             } else {
                 migrate_text(&v);
             }
+            Ok(())
+        }
+        BenchCmd::Mark(a) => {
+            let v = super::bench_mark::run(&super::bench_mark::Params {
+                sizes: a.sizes,
+                granularity: a.granularity,
+                marks: a.marks,
+                seed: 1,
+            })?;
+            print(ctx.json, &v);
             Ok(())
         }
         BenchCmd::Rebuild(a) => {

@@ -79,6 +79,172 @@ pub struct ExportArgs {
     pub allow_untrusted: bool,
 }
 
+/// `bitmap show`: the report with every extent, streamed page by page (through an agent) or
+/// from the loaded bitmap (on a store), so a bitmap of millions of extents never has to fit in
+/// one reply or one JSON value (finding F4).
+fn show(ctx: &Ctx, disk: &DiskId) -> Result<()> {
+    use std::io::Write;
+    let (header, mut pages): (
+        serde_json::Value,
+        Box<dyn Iterator<Item = Result<Vec<wire::Extent>>>>,
+    ) = match &ctx.control {
+        Some(sock) => {
+            let first = dispatch(
+                ctx,
+                Request::Show {
+                    disk: disk.clone(),
+                    offset: None,
+                    limit: Some(crate::report::SHOW_PAGE),
+                },
+            )?;
+            let pages = AgentPages {
+                sock: sock.clone(),
+                disk: disk.clone(),
+                first: Some(first.clone()),
+                next: None,
+                done: false,
+            };
+            (first, Box::new(pages))
+        }
+        None => {
+            let store = crate::store::Store::open(&ctx.store, crate::store::Access::ReadOnly)?;
+            let mut l = store.load(disk)?;
+            let reason = l.reason.clone();
+            let header = match (l.meta.as_ref(), l.bitmap.as_mut()) {
+                (Some(m), b) => {
+                    let mut h = crate::report::bitmap_header(m, b, reason.as_deref());
+                    h["extents"] = if l.bitmap.is_some() {
+                        serde_json::json!([])
+                    } else {
+                        serde_json::Value::Null
+                    };
+                    h
+                }
+                (None, _) => crate::report::loaded(disk, &mut l),
+            };
+            let extents: Vec<wire::Extent> = l
+                .bitmap
+                .as_ref()
+                .map(|b| b.extents().collect())
+                .unwrap_or_default();
+            (header, Box::new(std::iter::once(Ok(extents))))
+        }
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut h = header;
+    let has_extents = !h["extents"].is_null();
+    if let Some(m) = h.as_object_mut() {
+        m.remove("extents");
+        m.remove("next_offset");
+    }
+    if !ctx.json {
+        super::output::print(false, &h);
+        if !has_extents {
+            return Ok(());
+        }
+        let mut shown = 0usize;
+        let mut more = false;
+        for page in pages.by_ref() {
+            for e in page? {
+                if shown < 20 {
+                    let _ = writeln!(out, "extent  {}+{}", e.offset, e.length);
+                    shown += 1;
+                } else {
+                    more = true;
+                    break;
+                }
+            }
+            if more {
+                break;
+            }
+        }
+        if more {
+            let _ = writeln!(out, "…       more extents (use --json for all)");
+        }
+        return Ok(());
+    }
+    // One JSON document: the header's fields, then `extents` written as the pages arrive.
+    let text = serde_json::to_string_pretty(&h)?;
+    let body = text
+        .trim_end()
+        .strip_suffix('}')
+        .unwrap_or(&text)
+        .trim_end();
+    let sep = if body.ends_with('{') { "" } else { "," };
+    let _ = write!(out, "{body}{sep}\n  \"extents\": ");
+    if !has_extents {
+        let _ = writeln!(out, "null\n}}");
+        return Ok(());
+    }
+    let _ = write!(out, "[");
+    let mut first = true;
+    for page in pages {
+        for e in page? {
+            let _ = write!(
+                out,
+                "{}\n    {{\"offset\": {}, \"length\": {}}}",
+                if first { "" } else { "," },
+                e.offset,
+                e.length
+            );
+            first = false;
+        }
+    }
+    let _ = writeln!(out, "{}]\n}}", if first { "" } else { "\n  " });
+    Ok(())
+}
+
+/// The pages of a `show` through an agent, each asked for when the previous one is written.
+struct AgentPages {
+    sock: PathBuf,
+    disk: DiskId,
+    first: Option<serde_json::Value>,
+    next: Option<u64>,
+    done: bool,
+}
+
+impl Iterator for AgentPages {
+    type Item = Result<Vec<wire::Extent>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let page = match self.first.take() {
+            Some(p) => p,
+            None => {
+                let req = Request::Show {
+                    disk: self.disk.clone(),
+                    offset: self.next,
+                    limit: Some(crate::report::SHOW_PAGE),
+                };
+                match crate::control::client::call(
+                    &self.sock,
+                    &req,
+                    Some(std::time::Duration::from_secs(600)),
+                ) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.done = true;
+                        return Some(Err(e.into()));
+                    }
+                }
+            }
+        };
+        let next = page["next_offset"].as_u64();
+        if next.is_some_and(|n| self.next.is_some_and(|prev| n <= prev)) {
+            self.done = true;
+            return Some(Err(anyhow::anyhow!(
+                "the agent's show pages do not advance"
+            )));
+        }
+        self.next = next;
+        self.done = next.is_none();
+        let extents = serde_json::from_value(page["extents"].clone()).unwrap_or_default();
+        Some(Ok(extents))
+    }
+}
+
 /// Run a bitmap command.
 pub fn run(ctx: &Ctx, cmd: BitmapCmd) -> Result<()> {
     let req = match cmd {
@@ -92,7 +258,7 @@ pub fn run(ctx: &Ctx, cmd: BitmapCmd) -> Result<()> {
             disk: a.disk,
             ranges: a.ranges,
         },
-        BitmapCmd::Show(a) => Request::Show { disk: a.disk },
+        BitmapCmd::Show(a) => return show(ctx, &a.disk),
         BitmapCmd::Verify(a) => Request::Verify { disk: a.disk },
         BitmapCmd::Export(a) => Request::Export {
             disk: a.disk,

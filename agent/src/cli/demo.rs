@@ -64,9 +64,8 @@ impl AgentChild {
     }
 
     fn show(&self) -> Result<Value> {
-        self.call(Request::Show {
-            disk: DISK.parse()?,
-        })
+        crate::control::client::show_all(&self.control, &DISK.parse()?)
+            .with_context(|| format!("talking to {}", self.name))
     }
 
     fn wait(&self, what: &str, done: impl Fn(&Value) -> bool) -> Result<Value> {

@@ -1,5 +1,4 @@
-//! Printing a report either as JSON (`--json`) or as aligned text. In text, byte counts read
-//! `1 GiB (1073741824 bytes)`; JSON always carries the exact number.
+//! Printing a report either as JSON (`--json`) or as aligned text.
 
 use serde_json::Value;
 use std::io::Write;
@@ -37,37 +36,12 @@ pub fn print(json: bool, v: &Value) {
                         );
                     }
                 }
-                Value::Number(n) if is_size(k) && n.as_u64().is_some() => {
-                    out!(
-                        "{k:width$}  {}",
-                        super::units::human_bytes(n.as_u64().expect("checked"))
-                    );
-                }
                 other => out!("{k:width$}  {}", compact(other)),
             }
         }
     } else {
         out!("{}", compact(v));
     }
-}
-
-/// Keys whose values are byte counts (sizes, offsets, amounts transferred or read).
-pub const SIZE_KEYS: &[&str] = &[
-    "size",
-    "granularity",
-    "virtual_size",
-    "cluster_size",
-    "bytes",
-    "bytes_read",
-    "bytes_total",
-    "bytes_during_switchover",
-    "done",
-    "total",
-    "resumed_from",
-];
-
-fn is_size(key: &str) -> bool {
-    SIZE_KEYS.contains(&key)
 }
 
 fn compact(v: &Value) -> String {

@@ -34,6 +34,39 @@ pub enum ControlError {
     },
 }
 
+/// `bitmap show` with every page of extents joined into one report (for callers whose bitmaps
+/// are known to be small, such as the demo; the CLI streams the pages instead).
+pub fn show_all(socket: &Path, disk: &wire::DiskId) -> Result<serde_json::Value, ControlError> {
+    let mut offset = 0;
+    let mut all: Vec<serde_json::Value> = Vec::new();
+    loop {
+        let req = Request::Show {
+            disk: disk.clone(),
+            offset: Some(offset),
+            limit: Some(crate::report::SHOW_PAGE),
+        };
+        let mut page = call(socket, &req, Some(Duration::from_secs(600)))?;
+        if let Some(e) = page["extents"].as_array_mut() {
+            all.append(e);
+        }
+        match page["next_offset"].as_u64() {
+            Some(next) if next > offset || all.is_empty() => offset = next,
+            Some(_) => {
+                return Err(ControlError::Malformed("show pages do not advance".into()));
+            }
+            None => {
+                if !page["extents"].is_null() {
+                    page["extents"] = serde_json::Value::Array(all);
+                }
+                if let Some(m) = page.as_object_mut() {
+                    m.remove("next_offset");
+                }
+                return Ok(page);
+            }
+        }
+    }
+}
+
 /// Send one request and wait for its response. `timeout` bounds the whole exchange.
 pub fn call(
     socket: &Path,

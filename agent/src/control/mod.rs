@@ -40,10 +40,19 @@ pub enum Request {
         /// Byte ranges `(offset, length)`.
         ranges: Vec<(u64, u64)>,
     },
-    /// `bitmap show`.
+    /// `bitmap show`: the header and one page of extents. The reply's `next_offset` is the
+    /// `offset` of the next page (`null` after the last one).
     Show {
         /// Disk id.
         disk: DiskId,
+        /// Start at the first dirty block at or after this byte (default 0).
+        #[serde(default)]
+        offset: Option<u64>,
+        /// At most this many extents (capped at `report::SHOW_PAGE_MAX`). Without it, every
+        /// extent, or an error when there are more than `report::SHOW_PAGE_MAX`: never a
+        /// partial list to a client that does not page.
+        #[serde(default)]
+        limit: Option<usize>,
     },
     /// `bitmap verify`.
     Verify {

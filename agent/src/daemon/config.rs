@@ -204,7 +204,13 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut c: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        Config::parse(&text, path)
+    }
+
+    /// Parse and check the text of the config file at `path` (which names it in errors and
+    /// anchors relative paths). Pure (fuzzed: docs/fuzzing.md).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;

@@ -411,6 +411,12 @@ async fn serve_connection(
                 rate,
             }) => to_response(start_migration(shared, net, disk, &to, server_name, rate).await),
             Ok(Request::Mark { disk, ranges }) => to_response(mark(shared, disk, ranges).await),
+            Ok(Request::Verify { disk }) => to_response(verify(shared, disk).await),
+            Ok(Request::Export {
+                disk,
+                raw,
+                allow_untrusted,
+            }) => to_response(export(shared, disk, raw, allow_untrusted).await),
             Ok(req) => {
                 let shutdown = matches!(req, Request::Shutdown);
                 let r = locked(shared, move |st| st.execute(req)).await;
@@ -446,6 +452,46 @@ async fn mark(
     Ok(report)
 }
 
+/// `bitmap verify`: the disk's pending marks are committed and its live root taken under the
+/// state lock; the stored file is read and hashed without it, so verifying a large bitmap never
+/// holds up another disk's marks (finding F5). A commit of the same disk that lands meanwhile
+/// makes the comparison stale: it is taken again.
+async fn verify(shared: &Shared, disk: wire::DiskId) -> anyhow::Result<serde_json::Value> {
+    for _ in 0..5 {
+        let d = disk.clone();
+        let probe = locked(shared, move |st| st.verify_begin(&d)).await?;
+        let done = tokio::task::spawn_blocking(move || probe.finish())
+            .await
+            .map_err(|e| anyhow::anyhow!("request panicked: {e}"))?;
+        match done {
+            super::state::VerifyEnd::Done(r) => return r,
+            super::state::VerifyEnd::Missing => {
+                let d = disk.clone();
+                return locked(shared, move |st| st.verify_missing(&d)).await;
+            }
+            super::state::VerifyEnd::Raced => continue,
+        }
+    }
+    anyhow::bail!("{disk} is committed too often to verify now; try again")
+}
+
+/// `bitmap export`: the bits are copied under the state lock (the touched chunks only); the file
+/// is written without it.
+async fn export(
+    shared: &Shared,
+    disk: wire::DiskId,
+    raw: std::path::PathBuf,
+    allow_untrusted: bool,
+) -> anyhow::Result<serde_json::Value> {
+    let d = disk.clone();
+    let (state, mut bits) = locked(shared, move |st| st.export_snapshot(&d)).await?;
+    tokio::task::spawn_blocking(move || {
+        crate::local::export_raw(&disk, state, &mut bits, &raw, allow_untrusted)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("request panicked: {e}"))?
+}
+
 /// Run `f` on the agent state under its lock, off the reactor: requests may touch the disk
 /// (commits, exports). A panic in `f` is reported as the request's error.
 async fn locked<T: Send + 'static>(
@@ -453,9 +499,20 @@ async fn locked<T: Send + 'static>(
     f: impl FnOnce(&mut super::state::AgentState) -> Result<T> + Send + 'static,
 ) -> Result<T> {
     let shared = shared.clone();
-    tokio::task::spawn_blocking(move || f(&mut shared.lock().expect("state lock")))
-        .await
-        .map_err(|e| anyhow::anyhow!("request panicked: {e}"))?
+    tokio::task::spawn_blocking(move || {
+        let mut st = shared.lock().expect("state lock");
+        // After the last commit nothing may be acknowledged: a mark applied now would be in
+        // memory only, and the agent is about to exit.
+        if st.is_closed() {
+            anyhow::bail!(
+                "the agent is stopping: this request was NOT executed (a mark was not \
+                 recorded); send it again to the agent once it runs"
+            );
+        }
+        f(&mut st)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("request panicked: {e}"))?
 }
 
 async fn start_migration(

@@ -67,6 +67,7 @@ async fn serve(config: Config) -> Result<()> {
     };
     let store = crate::store::Store::open(&config.store, crate::store::Access::ReadWrite)?;
     let mut state = AgentState::open(store, config.expect.clone())?;
+    state.set_store_dir(&config.store);
     state.configure_rebuilds(&config.store, config.reference.clone());
     state.start_pending_rebuilds();
     let shared: Shared = Arc::new(Mutex::new(state));

@@ -18,6 +18,69 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 use wire::{Bitmap, DiskId, Geometry, State};
 
+/// The part of `bitmap verify` that runs without the state lock: the stored file read and
+/// compared with the live root taken under it.
+pub struct VerifyProbe {
+    reader: Option<Store>,
+    disk: DiskId,
+    live_root: Option<wire::Root>,
+    generation: u64,
+    state: State,
+    reason: Option<String>,
+}
+
+/// How a [`VerifyProbe`] ended.
+pub enum VerifyEnd {
+    /// The report (or why the bitmap does not verify).
+    Done(Result<Value>),
+    /// The file is gone: the agent marks the disk inconsistent ([`AgentState::verify_missing`]).
+    Missing,
+    /// The disk was committed again meanwhile: take a new probe.
+    Raced,
+}
+
+impl VerifyProbe {
+    /// Read and check the stored file through the probe's own handle on the store.
+    pub fn finish(mut self) -> VerifyEnd {
+        match self.reader.take() {
+            Some(reader) => self.finish_with(&reader),
+            None => VerifyEnd::Done(Err(anyhow::anyhow!(
+                "this agent's store cannot be read outside its lock"
+            ))),
+        }
+    }
+
+    /// Read and check the stored file through `reader`.
+    pub fn finish_with(self, reader: &Store) -> VerifyEnd {
+        let mut stored = match reader.load_own(&self.disk) {
+            Err(StoreError::NotFound(_)) => return VerifyEnd::Missing,
+            Err(e) => return VerifyEnd::Done(Err(e.into())),
+            Ok(l) => l,
+        };
+        if stored
+            .meta
+            .as_ref()
+            .is_some_and(|m| m.generation != self.generation)
+        {
+            return VerifyEnd::Raced;
+        }
+        let disk = &self.disk;
+        let stored_root = stored.bitmap.as_mut().map(|b| b.root());
+        if self.live_root.is_some() && self.live_root != stored_root {
+            return VerifyEnd::Done(Err(anyhow::anyhow!(
+                "stored file for {disk} does not match the live bitmap"
+            )));
+        }
+        let reason = stored.reason.clone().or(self.reason);
+        VerifyEnd::Done(verify_report(
+            disk,
+            self.state,
+            stored_root.map(|r| r.to_hex()),
+            reason,
+        ))
+    }
+}
+
 /// One tracked disk.
 pub struct Tracked {
     /// Metadata; `state` is the live state.
@@ -53,6 +116,12 @@ pub struct AgentState {
     pub rebuilds: super::rebuild::Rebuilds,
     started: Instant,
     flushes: u64,
+    /// The store's directory, for reads that run outside the state lock (`verify`).
+    store_dir: Option<std::path::PathBuf>,
+    /// [`AgentState::close`] ran: every bitmap has been committed for the last time, so no
+    /// request may be served any more (a mark applied now would be acknowledged and in no file:
+    /// the kill campaign's clean-stop finding).
+    closed: bool,
 }
 
 impl AgentState {
@@ -97,7 +166,74 @@ impl AgentState {
             rebuilds: Default::default(),
             started: Instant::now(),
             flushes: 0,
+            store_dir: None,
+            closed: false,
         })
+    }
+
+    /// A copy of a tracked disk's bits (benches and tests).
+    pub fn bits_of(&self, disk: &DiskId) -> Result<Bitmap> {
+        self.disks
+            .get(disk)
+            .and_then(|t| t.bits.clone())
+            .ok_or_else(|| StoreError::NotFound(disk.clone()).into())
+    }
+
+    /// Stop tracking a disk in memory (its file stays; benches only).
+    pub fn forget(&mut self, disk: &DiskId) {
+        self.disks.remove(disk);
+    }
+
+    /// Where the store lives, so `verify` can read files without the state lock.
+    pub fn set_store_dir(&mut self, dir: &std::path::Path) {
+        self.store_dir = Some(dir.to_path_buf());
+    }
+
+    /// `bitmap verify`, under the lock: commit the disk's pending marks and take what the
+    /// stored file must match. The file itself is read by [`VerifyProbe::finish`].
+    pub fn verify_begin(&mut self, disk: &DiskId) -> Result<VerifyProbe> {
+        self.tracked(disk)?;
+        self.make_durable(disk)?;
+        let dir = self.store_dir.clone();
+        let t = self.tracked(disk)?;
+        Ok(VerifyProbe {
+            // A second handle on the same files: this process holds the store's lock.
+            reader: dir.map(|d| {
+                Store::with_storage(
+                    Box::new(crate::store::FsStorage::new(&d)),
+                    crate::store::Access::ReadOnly,
+                    &d,
+                )
+            }),
+            disk: disk.clone(),
+            live_root: t.bits.as_mut().map(|b| b.root()),
+            generation: t.meta.generation,
+            state: t.meta.state,
+            reason: t.meta.reason.clone(),
+        })
+    }
+
+    /// `verify` found no file for a tracked disk: it was deleted behind the agent's back, so
+    /// the durable copy (and the epoch it recorded) is gone and nothing proves the superset
+    /// after a crash. The disk becomes `inconsistent` (finding F8).
+    pub fn verify_missing(&mut self, disk: &DiskId) -> Result<Value> {
+        let why = "its store file disappeared while the agent ran (deleted?); rebuild it";
+        tracing::error!(%disk, "{why}");
+        self.set_state(disk, State::Inconsistent, Some(why.into()))?;
+        Err(Failure::untrusted(format!(
+            "bitmap for {disk} is inconsistent: {why}"
+        )))
+    }
+
+    /// `bitmap export`, under the lock: the state and a copy of the bits (touched chunks only).
+    pub fn export_snapshot(&mut self, disk: &DiskId) -> Result<(State, Bitmap)> {
+        let t = self.tracked(disk)?;
+        let Some(bits) = t.bits.as_ref() else {
+            return Err(Failure::untrusted(format!(
+                "bitmap for {disk} is unreadable"
+            )));
+        };
+        Ok((t.meta.state, bits.clone()))
     }
 
     /// Commit every disk with unflushed marks (state unchanged). A disk whose commit fails
@@ -128,6 +264,7 @@ impl AgentState {
 
     /// Clean shutdown: every `recording` bitmap is committed back as `consistent`.
     pub fn close(&mut self) -> Result<(), StoreError> {
+        self.closed = true;
         self.stop_rebuilds();
         for t in self.disks.values_mut() {
             if let Some(b) = t.bits.as_mut()
@@ -141,6 +278,11 @@ impl AgentState {
             }
         }
         Ok(())
+    }
+
+    /// Whether [`AgentState::close`] has run (the agent is stopping; requests are refused).
+    pub fn is_closed(&self) -> bool {
+        self.closed
     }
 
     fn tracked(&mut self, disk: &DiskId) -> Result<&mut Tracked> {
@@ -455,56 +597,40 @@ impl AgentState {
                 }
                 Ok(report)
             }
-            Request::Show { disk } => {
+            Request::Show {
+                disk,
+                offset,
+                limit,
+            } => {
                 if let Some(why) = self.unreadable.get(&disk) {
                     return Ok(report::unreadable(&disk, why));
                 }
                 let t = self.tracked(&disk)?;
                 let reason = t.meta.reason.clone();
-                Ok(report::bitmap(&t.meta, t.bits.as_mut(), reason.as_deref()))
+                report::bitmap_page(
+                    &t.meta,
+                    t.bits.as_mut(),
+                    reason.as_deref(),
+                    offset.unwrap_or(0),
+                    limit,
+                )
             }
+            // The control server runs these two in parts, the file work outside the lock.
             Request::Verify { disk } => {
-                self.tracked(&disk)?;
-                self.make_durable(&disk)?;
-                let mut stored = match self.store.load_own(&disk) {
-                    Err(StoreError::NotFound(_)) => {
-                        // Deleted behind the agent's back: the durable copy (and the epoch it
-                        // recorded) is gone, so nothing proves the superset after a crash.
-                        let why = "its store file disappeared while the agent ran (deleted?); \
-                                   rebuild it";
-                        tracing::error!(%disk, "{why}");
-                        self.set_state(&disk, State::Inconsistent, Some(why.into()))?;
-                        return Err(Failure::untrusted(format!(
-                            "bitmap for {disk} is inconsistent: {why}"
-                        )));
-                    }
-                    r => r?,
-                };
-                let t = self
-                    .disks
-                    .get_mut(&disk)
-                    .ok_or(StoreError::NotFound(disk.clone()))?;
-                let live_root = t.bits.as_mut().map(|b| b.root());
-                let stored_root = stored.bitmap.as_mut().map(|b| b.root());
-                if live_root.is_some() && live_root != stored_root {
-                    bail!("stored file for {disk} does not match the live bitmap");
+                let probe = self.verify_begin(&disk)?;
+                match probe.finish_with(&self.store) {
+                    VerifyEnd::Done(r) => r,
+                    VerifyEnd::Missing => self.verify_missing(&disk),
+                    VerifyEnd::Raced => bail!("{disk} was committed during verify; try again"),
                 }
-                let reason = stored.reason.clone().or(t.meta.reason.clone());
-                verify_report(&disk, t.meta.state, stored_root.map(|r| r.to_hex()), reason)
             }
             Request::Export {
                 disk,
                 raw,
                 allow_untrusted,
             } => {
-                let t = self.tracked(&disk)?;
-                let state = t.meta.state;
-                let Some(bits) = t.bits.as_mut() else {
-                    return Err(Failure::untrusted(format!(
-                        "bitmap for {disk} is unreadable"
-                    )));
-                };
-                export_raw(&disk, state, bits, &raw, allow_untrusted)
+                let (state, mut bits) = self.export_snapshot(&disk)?;
+                export_raw(&disk, state, &mut bits, &raw, allow_untrusted)
             }
             Request::List => {
                 let rows: Vec<Value> = self

@@ -10,18 +10,6 @@
 //! and the root must match the entries — a manifest that does not check out is refused before any
 //! scan starts. Entries are streamed from the file, never loaded whole (a 64 TiB disk at 4 KiB has
 //! 512 GiB of entries).
-//!
-//! Version 2 (written by [`create`]) also records which file the manifest was made from, so a
-//! rebuild can refuse a manifest made from the very live image it is asked to scan (it would
-//! report only the writes since the manifest, not since the backup). Bytes 12–16 then hold the
-//! header length `H`, and the entries start at `H` instead of 72:
-//! ```text
-//! 72                      H-32          H
-//! | identity: JSON, space-padded | blake3 of the identity bytes | entries … |
-//! ```
-//! The identity is `{"path", "size", "dev", "ino", "rdev", "kind", "mtime_sec", "mtime_nsec"}` of
-//! the image as [`create`] opened it ([`ImageIdentity`]). Version 1 manifests (no identity) are
-//! still read.
 
 use super::RebuildError;
 use super::scan::{Reference, Scan, ScanOptions};
@@ -34,14 +22,10 @@ use wire::Geometry;
 
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"BFMANIF\0";
-/// Format version written by [`create`]: the header carries the image's identity.
-pub const VERSION: u32 = 2;
-/// The first format version: no identity (still read; [`write_entries`] writes it).
-pub const VERSION_1: u32 = 1;
-/// Length in bytes of the fixed header (all of a version 1 header).
+/// Format version written and read.
+pub const VERSION: u32 = 1;
+/// Header length in bytes.
 pub const HEADER: u64 = 72;
-/// Longest header a version 2 manifest may declare (fixed part, identity and its hash).
-pub const MAX_HEADER: u64 = 72 + 8192;
 /// Bytes per entry.
 pub const ENTRY: usize = 32;
 
@@ -50,110 +34,8 @@ pub const ENTRY: usize = 32;
 pub struct Manifest {
     path: PathBuf,
     file: File,
-    header: Header,
-}
-
-/// What a manifest's header says, checked against itself and the file length (but the entries
-/// not yet hashed: [`Manifest::open`] does that).
-#[derive(Debug, Clone)]
-pub struct Header {
-    /// Format version.
-    pub version: u32,
-    /// Size and granularity of the described image.
-    pub geometry: Geometry,
-    /// The root the header claims (BLAKE3 of the entries).
-    pub root: [u8; 32],
-    /// Byte offset of the first entry.
-    pub entries_at: u64,
-    /// The image the manifest was made from (version 2 and later).
-    pub identity: Option<ImageIdentity>,
-}
-
-/// Which file a manifest was made from, as `stat` saw it when [`create`] opened it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ImageIdentity {
-    /// Absolute path it was opened by.
-    pub path: PathBuf,
-    /// Its size in bytes.
-    pub size: u64,
-    /// Device of the file system holding it (`st_dev`).
-    pub dev: u64,
-    /// Its inode number (`st_ino`).
-    pub ino: u64,
-    /// For a block device, the device it is (`st_rdev`); 0 otherwise.
-    pub rdev: u64,
-    /// `file` or `block device`.
-    pub kind: String,
-    /// Modification time: seconds since the epoch…
-    pub mtime_sec: i64,
-    /// …and nanoseconds.
-    pub mtime_nsec: u32,
-}
-
-impl ImageIdentity {
-    /// The identity of an open image file.
-    pub fn of(path: &Path, file: &File) -> std::io::Result<ImageIdentity> {
-        use std::os::unix::fs::{FileTypeExt, MetadataExt};
-        let m = file.metadata()?;
-        let block = m.file_type().is_block_device();
-        Ok(ImageIdentity {
-            path: std::path::absolute(path)?,
-            size: super::file_size(file)?,
-            dev: m.dev(),
-            ino: m.ino(),
-            rdev: if block { m.rdev() } else { 0 },
-            kind: if block { "block device" } else { "file" }.into(),
-            mtime_sec: m.mtime(),
-            mtime_nsec: m.mtime_nsec().clamp(0, 999_999_999) as u32,
-        })
-    }
-
-    /// Whether `other` is the same file (same inode on the same file system) or, for block
-    /// devices, the same device — whatever the paths say.
-    pub fn same_file(&self, other: &ImageIdentity) -> bool {
-        (self.dev == other.dev && self.ino == other.ino)
-            || (self.rdev != 0 && self.rdev == other.rdev)
-    }
-
-    fn encode(&self) -> Vec<u8> {
-        let json = serde_json::to_vec(self).expect("identity serializes");
-        // Space-pad so the entries start 8-aligned.
-        let total = (HEADER as usize + json.len() + 32).next_multiple_of(8);
-        let mut b = json;
-        b.resize(total - HEADER as usize - 32, b' ');
-        let hash = *blake3::hash(&b).as_bytes();
-        b.extend_from_slice(&hash);
-        b
-    }
-}
-
-/// Refuse to compare `live` with a manifest made from `live` itself: its entries describe the
-/// image when the manifest was made, not the backup, so the rebuild would miss every write
-/// before that (the typical slip: `manifest create --image LIVE` instead of the backup).
-/// Manifests without an identity (version 1) pass.
-pub fn refuse_same_image(manifest: &Path, live: &Path) -> Result<(), RebuildError> {
-    let header = read_header(manifest)?;
-    let Some(made_from) = header.identity else {
-        return Ok(());
-    };
-    let file = File::open(live).map_err(|e| RebuildError::io(live, e))?;
-    let now = ImageIdentity::of(live, &file).map_err(|e| RebuildError::io(live, e))?;
-    if !made_from.same_file(&now) {
-        return Ok(());
-    }
-    Err(RebuildError::BadReference(format!(
-        "manifest {} was made from {} itself (the same {}: device {}, inode {}), not from a \
-         backup: comparing the live image with it would find only the writes since the \
-         manifest was made and miss the rest. Make the manifest from the backup image \
-         (`bitferry manifest create --image BACKUP --out {} --force`), or compare with the \
-         backup directly (`--backup BACKUP`)",
-        manifest.display(),
-        live.display(),
-        made_from.kind,
-        made_from.dev,
-        made_from.ino,
-        manifest.display(),
-    )))
+    geometry: Geometry,
+    root: [u8; 32],
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> RebuildError {
@@ -169,136 +51,75 @@ fn u64_at(h: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// The header: the fixed 72 bytes, then (with an identity) the identity and its hash.
-fn header_bytes(g: Geometry, root: &[u8; 32], identity: Option<&ImageIdentity>) -> Vec<u8> {
-    let mut h = vec![0u8; HEADER as usize];
-    let tail = identity.map(ImageIdentity::encode).unwrap_or_default();
+fn header_bytes(g: Geometry, root: &[u8; 32]) -> [u8; HEADER as usize] {
+    let mut h = [0u8; HEADER as usize];
     h[..8].copy_from_slice(MAGIC);
-    if tail.is_empty() {
-        h[8..12].copy_from_slice(&VERSION_1.to_le_bytes());
-    } else {
-        h[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        let len = (HEADER as usize + tail.len()) as u32;
-        h[12..16].copy_from_slice(&len.to_le_bytes());
-    }
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
     h[16..24].copy_from_slice(&g.size().to_le_bytes());
     h[24..32].copy_from_slice(&g.granularity().to_le_bytes());
     h[32..40].copy_from_slice(&g.blocks().to_le_bytes());
     h[40..72].copy_from_slice(root);
-    h.extend_from_slice(&tail);
     h
 }
 
-/// Read and check a manifest's header (geometry, length, identity) without hashing its
-/// entries: what `bitferry agent --check` and the same-image check need.
-pub fn read_header(path: &Path) -> Result<Header, RebuildError> {
-    let mut file = File::open(path).map_err(|e| RebuildError::io(path, e))?;
-    read_header_of(path, &mut file)
-}
-
-fn read_header_of(path: &Path, file: &mut File) -> Result<Header, RebuildError> {
-    let meta = file.metadata().map_err(|e| RebuildError::io(path, e))?;
-    if meta.is_dir() {
-        return Err(bad(path, "is a directory, not a manifest file"));
-    }
-    let len = meta.len();
-    if len < HEADER {
-        return Err(bad(
-            path,
-            format!("{len} bytes is shorter than the {HEADER}-byte header"),
-        ));
-    }
-    let mut h = [0u8; HEADER as usize];
-    file.read_exact(&mut h)
-        .map_err(|e| RebuildError::io(path, e))?;
+/// Check a manifest's header against itself and the file's length `len`: magic, version,
+/// geometry, block count, and `len` = header + one entry per block. Returns the geometry and
+/// the root the entries must hash to. Pure (fuzzed: docs/fuzzing.md).
+pub fn parse_header(h: &[u8; HEADER as usize], len: u64) -> Result<(Geometry, [u8; 32]), String> {
     if &h[..8] != MAGIC {
-        return Err(bad(path, "bad magic: not a bitferry block manifest"));
+        return Err("bad magic: not a bitferry block manifest".into());
     }
     let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-    let declared = u64::from(u32::from_le_bytes([h[12], h[13], h[14], h[15]]));
-    let (entries_at, identity) = match version {
-        VERSION_1 => (HEADER, None),
-        VERSION => {
-            if !(HEADER + 32 + 2..=MAX_HEADER).contains(&declared) || declared > len {
-                return Err(bad(
-                    path,
-                    format!("header length {declared} is out of range (file has {len} bytes)"),
-                ));
-            }
-            let mut tail = vec![0u8; (declared - HEADER) as usize];
-            file.read_exact(&mut tail)
-                .map_err(|e| RebuildError::io(path, e))?;
-            let (json, hash) = tail.split_at(tail.len() - 32);
-            if blake3::hash(json).as_bytes() != hash {
-                return Err(bad(
-                    path,
-                    "the image identity in the header does not match its hash (corrupt manifest)",
-                ));
-            }
-            let identity: ImageIdentity = serde_json::from_slice(json)
-                .map_err(|e| bad(path, format!("unreadable image identity: {e}")))?;
-            (declared, Some(identity))
-        }
-        _ => {
-            return Err(bad(
-                path,
-                format!(
-                    "unknown version {version} (this build reads {VERSION_1} and {VERSION}); \
-                     a newer bitferry wrote it"
-                ),
-            ));
-        }
-    };
-    let (size, granularity, blocks) = (u64_at(&h, 16), u64_at(&h, 24), u64_at(&h, 32));
-    let geometry = Geometry::new(size, granularity).map_err(|e| {
-        bad(
-            path,
-            format!("size {size} / granularity {granularity}: {e}"),
-        )
-    })?;
+    if version != VERSION {
+        return Err(format!(
+            "unknown version {version} (this build reads {VERSION})"
+        ));
+    }
+    let (size, granularity, blocks) = (u64_at(h, 16), u64_at(h, 24), u64_at(h, 32));
+    let geometry = Geometry::new(size, granularity)
+        .map_err(|e| format!("size {size} / granularity {granularity}: {e}"))?;
     if blocks != geometry.blocks() {
-        return Err(bad(
-            path,
-            format!(
-                "header says {blocks} blocks but size {size} at granularity {granularity} has {}",
-                geometry.blocks()
-            ),
+        return Err(format!(
+            "header says {blocks} blocks but size {size} at granularity {granularity} has {}",
+            geometry.blocks()
         ));
     }
     let expected = blocks
         .checked_mul(ENTRY as u64)
-        .and_then(|e| e.checked_add(entries_at))
-        .ok_or_else(|| bad(path, "block count overflows"))?;
+        .and_then(|e| e.checked_add(HEADER))
+        .ok_or("block count overflows")?;
     if len != expected {
-        return Err(bad(
-            path,
-            format!(
-                "file has {len} bytes, but {blocks} entries need {expected} (truncated or padded)"
-            ),
+        return Err(format!(
+            "file has {len} bytes, but {blocks} entries need {expected} (truncated or padded)"
         ));
     }
     let mut root = [0u8; 32];
     root.copy_from_slice(&h[40..72]);
-    Ok(Header {
-        version,
-        geometry,
-        root,
-        entries_at,
-        identity,
-    })
+    Ok((geometry, root))
 }
 
 impl Manifest {
     /// Open and verify a manifest: header, geometry, length, and the root over all entries.
     pub fn open(path: &Path) -> Result<Manifest, RebuildError> {
         let mut file = File::open(path).map_err(|e| RebuildError::io(path, e))?;
-        let header = read_header_of(path, &mut file)?;
-        let len = header.entries_at + header.geometry.blocks() * ENTRY as u64;
-        let root = header.root;
+        let len = file
+            .metadata()
+            .map_err(|e| RebuildError::io(path, e))?
+            .len();
+        if len < HEADER {
+            return Err(bad(
+                path,
+                format!("{len} bytes is shorter than the {HEADER}-byte header"),
+            ));
+        }
+        let mut h = [0u8; HEADER as usize];
+        file.read_exact(&mut h)
+            .map_err(|e| RebuildError::io(path, e))?;
+        let (geometry, root) = parse_header(&h, len).map_err(|reason| bad(path, reason))?;
         // Stream the entries through the hasher in bounded pieces.
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; 1 << 20];
-        let mut left = len - header.entries_at;
+        let mut left = len - HEADER;
         while left > 0 {
             let n = left.min(buf.len() as u64) as usize;
             file.read_exact(&mut buf[..n])
@@ -315,33 +136,29 @@ impl Manifest {
         Ok(Manifest {
             path: path.to_path_buf(),
             file,
-            header,
+            geometry,
+            root,
         })
     }
 
     /// Size of the described image.
     pub fn size(&self) -> u64 {
-        self.header.geometry.size()
+        self.geometry.size()
     }
 
     /// Block size of the entries.
     pub fn granularity(&self) -> u64 {
-        self.header.geometry.granularity()
+        self.geometry.granularity()
     }
 
     /// Number of entries.
     pub fn blocks(&self) -> u64 {
-        self.header.geometry.blocks()
+        self.geometry.blocks()
     }
 
     /// The verified root: BLAKE3 of the concatenated entries.
     pub fn root(&self) -> [u8; 32] {
-        self.header.root
-    }
-
-    /// The image the manifest was made from, when it says (version 2).
-    pub fn identity(&self) -> Option<&ImageIdentity> {
-        self.header.identity.as_ref()
+        self.root
     }
 
     /// The manifest's path.
@@ -353,7 +170,7 @@ impl Manifest {
     /// how many).
     pub fn read_entries(&self, first: u64, out: &mut [u8]) -> Result<(), RebuildError> {
         self.file
-            .read_exact_at(out, self.header.entries_at + first * ENTRY as u64)
+            .read_exact_at(out, HEADER + first * ENTRY as u64)
             .map_err(|e| RebuildError::io(&self.path, e))
     }
 }
@@ -372,46 +189,11 @@ pub struct Created {
 }
 
 /// Write the manifest of `image` at `granularity` to `out`, atomically (temp file in the same
-/// directory, fsync, rename, fsync the directory), replacing `out` if it exists.
+/// directory, fsync, rename, fsync the directory).
 pub fn create(image: &Path, granularity: u64, out: &Path) -> Result<Created, RebuildError> {
-    create_to(image, granularity, out, true)
-}
-
-/// Like [`create`], but an existing `out` is refused (without `replace`) before anything is read,
-/// and again atomically when the result is put in place. `out` is never `image` itself.
-pub fn create_to(
-    image: &Path,
-    granularity: u64,
-    out: &Path,
-    replace: bool,
-) -> Result<Created, RebuildError> {
     let file = File::open(image).map_err(|e| RebuildError::io(image, e))?;
-    let identity = ImageIdentity::of(image, &file).map_err(|e| RebuildError::io(image, e))?;
-    let size = identity.size;
+    let size = super::file_size(&file).map_err(|e| RebuildError::io(image, e))?;
     let geometry = Geometry::new(size, granularity)?;
-    let exists = |e: std::io::Error| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            already_exists(out)
-        } else {
-            RebuildError::io(out, e)
-        }
-    };
-    match std::fs::metadata(out) {
-        Ok(m) => {
-            use std::os::unix::fs::MetadataExt;
-            if m.is_dir() {
-                return Err(bad_out(out, "is a directory: give the manifest's file name"));
-            }
-            if (m.dev(), m.ino()) == (identity.dev, identity.ino) {
-                return Err(bad_out(out, "is the image itself: the manifest would replace it"));
-            }
-            if !replace {
-                return Err(already_exists(out));
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(RebuildError::io(out, e)),
-    }
     let dir = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -420,10 +202,9 @@ pub fn create_to(
         .prefix(".manifest.")
         .tempfile_in(&dir)
         .map_err(|e| RebuildError::io(&dir, e))?;
-    let header_len = header_bytes(geometry, &[0; 32], Some(&identity)).len();
     let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
     let werr = |e| RebuildError::io(out, e);
-    w.write_all(&vec![0u8; header_len]).map_err(werr)?;
+    w.write_all(&[0u8; HEADER as usize]).map_err(werr)?;
     let mut hasher = blake3::Hasher::new();
     let mut bytes_read = 0u64;
     let mut options = ScanOptions::new(granularity);
@@ -450,14 +231,10 @@ pub fn create_to(
     drop(w);
     let mut f = tmp.as_file();
     f.seek(SeekFrom::Start(0)).map_err(werr)?;
-    f.write_all(&header_bytes(geometry, &root, Some(&identity)))
-        .map_err(werr)?;
+    f.write_all(&header_bytes(geometry, &root)).map_err(werr)?;
     f.sync_all().map_err(werr)?;
-    if replace {
-        tmp.persist(out).map_err(|e| exists(e.error))?;
-    } else {
-        tmp.persist_noclobber(out).map_err(|e| exists(e.error))?;
-    }
+    tmp.persist(out)
+        .map_err(|e| RebuildError::io(out, e.error))?;
     File::open(&dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| RebuildError::io(&dir, e))?;
@@ -467,20 +244,6 @@ pub fn create_to(
         root,
         bytes_read,
     })
-}
-
-fn bad_out(out: &Path, why: &str) -> RebuildError {
-    RebuildError::io(out, std::io::Error::new(std::io::ErrorKind::InvalidInput, why))
-}
-
-fn already_exists(out: &Path) -> RebuildError {
-    RebuildError::io(
-        out,
-        std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            "already exists (use --force to replace it)",
-        ),
-    )
 }
 
 /// Write a manifest from already computed entries (tests, and the backup-mode resume path).
@@ -497,7 +260,7 @@ pub fn write_entries(
         bytes.extend_from_slice(e);
     }
     let root = *hasher.finalize().as_bytes();
-    bytes[..HEADER as usize].copy_from_slice(&header_bytes(geometry, &root, None));
+    bytes[..HEADER as usize].copy_from_slice(&header_bytes(geometry, &root));
     std::fs::write(out, &bytes).map_err(|e| RebuildError::io(out, e))?;
     Ok(root)
 }
@@ -554,49 +317,6 @@ mod tests {
         b[0] = b'X';
         refuse(b, "magic");
         refuse(good[..10].to_vec(), "header");
-    }
-
-    #[test]
-    fn version_2_records_the_image_and_version_1_still_reads() {
-        let dir = tempfile::tempdir().unwrap();
-        let data = vec![5u8; 9000];
-        let img = write(dir.path(), "img", &data);
-        let out = dir.path().join("m");
-        let c = create_to(&img, 4096, &out, false).unwrap();
-        let m = Manifest::open(&out).unwrap();
-        let id = m.identity().expect("version 2 has an identity").clone();
-        assert_eq!(id.path, std::path::absolute(&img).unwrap());
-        assert_eq!((id.size, id.kind.as_str()), (9000, "file"));
-        assert_eq!(m.root(), c.root);
-        let h = read_header(&out).unwrap();
-        assert_eq!((h.version, h.entries_at % 8), (VERSION, 0));
-        // The same image is refused, another file is not.
-        let e = refuse_same_image(&out, &img).unwrap_err().to_string();
-        assert!(e.contains("was made from") && e.contains("--backup"), "{e}");
-        let other = write(dir.path(), "other", &data);
-        refuse_same_image(&out, &other).unwrap();
-        // An existing output is refused without replace, and the image never replaced.
-        let e = create_to(&img, 4096, &out, false).unwrap_err().to_string();
-        assert!(e.contains("already exists (use --force"), "{e}");
-        let e = create_to(&img, 4096, &img, true).unwrap_err().to_string();
-        assert!(e.contains("is the image itself"), "{e}");
-        assert_eq!(std::fs::read(&img).unwrap(), data);
-        create_to(&img, 4096, &out, true).unwrap();
-        // A damaged identity is refused like damaged entries.
-        let mut b = std::fs::read(&out).unwrap();
-        b[HEADER as usize + 3] ^= 1;
-        let bad = write(dir.path(), "bad", &b);
-        let e = Manifest::open(&bad).unwrap_err().to_string();
-        assert!(e.contains("identity"), "{e}");
-        // Version 1 (no identity) reads as before and passes the same-image check.
-        let g = Geometry::new(9000, 4096).unwrap();
-        let mut e = vec![[0u8; 32]; 3];
-        m.read_entries(0, e.as_flattened_mut()).unwrap();
-        let v1 = dir.path().join("v1");
-        write_entries(&v1, g, &e).unwrap();
-        let m1 = Manifest::open(&v1).unwrap();
-        assert_eq!((m1.root(), m1.identity()), (c.root, None));
-        refuse_same_image(&v1, &img).unwrap();
     }
 
     #[test]

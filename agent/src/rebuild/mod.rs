@@ -77,17 +77,6 @@ pub fn file_size(f: &std::fs::File) -> io::Result<u64> {
     if meta.is_file() {
         return Ok(meta.len());
     }
-    if !std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
-        // Seeking to the end of a directory "succeeds" with a nonsense offset.
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            if meta.is_dir() {
-                "is a directory: give the disk image itself (a raw image file or a block device)"
-            } else {
-                "is neither a regular file nor a block device: give a raw image file or a block device"
-            },
-        ));
-    }
     let mut f = f;
     let end = f.seek(SeekFrom::End(0))?;
     f.seek(SeekFrom::Start(0))?;

@@ -23,13 +23,16 @@ fn record_name(disk: &DiskId) -> String {
     format!("{stem}{RETIRED_SUFFIX}")
 }
 
-fn encode(disk: &DiskId, epoch: u64) -> Vec<u8> {
+/// The bytes of a record saying `disk` was handed over at `epoch`.
+pub fn encode(disk: &DiskId, epoch: u64) -> Vec<u8> {
     let body = format!("{MAGIC}\n{}\n{epoch}\n", disk.as_str());
     let sum = blake3::hash(body.as_bytes()).to_hex();
     format!("{body}{sum}\n").into_bytes()
 }
 
-fn decode(disk: &DiskId, bytes: &[u8]) -> Result<u64, String> {
+/// The epoch a record for `disk` holds, or why the bytes are not one. Never panics (fuzzed:
+/// docs/fuzzing.md).
+pub fn decode(disk: &DiskId, bytes: &[u8]) -> Result<u64, String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "not text".to_string())?;
     let lines: Vec<&str> = text.split('\n').collect();
     let [magic, id, epoch, sum, ""] = lines[..] else {

@@ -106,6 +106,10 @@ impl World {
         host.store = None;
         host.mig = None;
         host.fs.disarm();
+        // The host's VM dies with it: writes whose reports had not reached the agent were never
+        // acknowledged to the guest, so they never happened (the ground truth has only the
+        // writes that landed).
+        host.reports.clear();
         host.disk.crash(&mut self.rng, tear);
         host.disk_gen += 1;
         self.set_role(h, Role::None);

@@ -212,7 +212,9 @@ impl DestSession {
     }
 
     fn queue_commit(&mut self, kind: CommitKind, state: State, reason: Option<String>) {
-        self.durable_wait.push_back(kind);
+        // `durable_wait` gets the commit when the driver polls it, not now: an answer before
+        // the driver has even seen the Commit must not send Committed (found by the
+        // `migration` fuzz target, docs/fuzzing.md).
         self.queue.push_back(Queued::Commit {
             kind,
             state,
@@ -234,6 +236,7 @@ impl DestSession {
                     CommitKind::Final | CommitKind::Terminal => self.live.take(),
                 };
                 let offer = self.offer.as_ref()?;
+                self.durable_wait.push_back(kind);
                 let bitmap = bitmap.unwrap_or_else(|| Bitmap::new(offer.geom));
                 Action::Commit {
                     meta: CommitMeta {

@@ -1694,3 +1694,48 @@ fn postcopy_switchover_after_a_precopy_offer_is_refused_but_owned_incomplete() {
     )));
     assert_ne!(p.dst.state(), State::Consistent);
 }
+
+/// Found by the `migration` fuzz target (fuzz/corpus/migration/crash-durable-before-poll): a
+/// driver that answered `committed_durably` before it had polled the Commit made the
+/// destination send Committed (the source then retires) for a bitmap not yet written.
+#[test]
+fn committed_durably_before_the_commit_is_polled_is_refused() {
+    let g = geom();
+    let mut b = Bitmap::new(g);
+    b.set_blocks(5, 9);
+    let mut s = source(b, 1, Mode::Precopy);
+    let mut d = DestSession::new(policy(None));
+    let to_dst = |s: &mut SourceSession, d: &mut DestSession| {
+        while let Some(a) = s.poll_action() {
+            match a {
+                Action::Send(m) => d.handle(m).unwrap(),
+                Action::SendPayload(p) => d.on_payload(&p).unwrap(),
+                // The hand-over is recorded at once, so the Switchover leaves.
+                Action::HandOver { .. } => s.handed_over_durably().unwrap(),
+                _ => {}
+            }
+        }
+    };
+    for _ in 0..4 {
+        to_dst(&mut s, &mut d);
+        while let Some(a) = d.poll_action() {
+            if let Action::Send(m) = a {
+                s.handle(m).unwrap();
+            }
+        }
+    }
+    s.switchover(false).unwrap();
+    to_dst(&mut s, &mut d);
+    assert_eq!(d.committed_durably(), Err(UsageError::NoCommitPending));
+    assert!(matches!(d.poll_action(), Some(Action::Commit { .. })));
+    assert_eq!(
+        d.poll_action().map(|_| ()),
+        None,
+        "nothing before the answer"
+    );
+    d.committed_durably().unwrap();
+    assert!(matches!(
+        d.poll_action(),
+        Some(Action::Send(Message::Committed { .. }))
+    ));
+}

@@ -1,0 +1,2 @@
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| bitferry_fuzz::targets::frame::TARGET.fuzz(data));
