@@ -64,12 +64,13 @@ pub fn execute(dir: &Path, req: Request) -> Result<Value> {
             disk,
             raw,
             allow_untrusted,
+            force,
         } => {
             let store = Store::open(dir, Access::ReadOnly)?;
             let l = store.load(&disk)?;
             let state = l.state();
             let (_, mut bitmap) = l.into_entry(&disk)?;
-            export_raw(&disk, state, &mut bitmap, &raw, allow_untrusted)
+            export_raw(&disk, state, &mut bitmap, &raw, allow_untrusted, force)
         }
         Request::List => {
             let store = Store::open(dir, Access::ReadOnly)?;
@@ -200,6 +201,7 @@ pub fn export_raw(
     bitmap: &mut Bitmap,
     path: &Path,
     allow_untrusted: bool,
+    force: bool,
 ) -> Result<Value> {
     if !matches!(state, State::Consistent | State::Recording) && !allow_untrusted {
         return Err(Failure::untrusted(format!(
@@ -207,8 +209,24 @@ pub fn export_raw(
         )));
     }
     let raw = bitmap.to_raw();
-    let mut f =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    // Without `force` an existing file is refused atomically (O_EXCL): it may be another
+    // disk's export, or the image itself.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(force)
+        .create_new(!force)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                anyhow::anyhow!(
+                    "{} already exists; pass --force to replace it",
+                    path.display()
+                )
+            } else {
+                anyhow::Error::new(e).context(format!("creating {}", path.display()))
+            }
+        })?;
     f.write_all(&raw)
         .and_then(|()| f.sync_all())
         .with_context(|| format!("writing {}", path.display()))?;

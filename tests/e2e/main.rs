@@ -17,6 +17,7 @@ mod large_bitmaps;
 mod load;
 mod migrate;
 mod migrate_refusals;
+mod operator;
 mod qcow2;
 mod qemu_clients;
 mod rebuild;

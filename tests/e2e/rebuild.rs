@@ -220,12 +220,15 @@ fn bad_references_are_refused_before_any_scan() {
     let mut data = vec![0u8; 1 << 20];
     StdRng::seed_from_u64(5).fill(&mut data[..]);
     std::fs::write(&img, &data).unwrap();
+    // The manifest of a backup with the same bytes (one of `img` itself is refused outright).
+    let backup = dir.path().join("backup");
+    std::fs::write(&backup, &data).unwrap();
     json(&[
         "--json",
         "manifest",
         "create",
         "--image",
-        s(&img),
+        s(&backup),
         "--granularity",
         "4K",
         "--out",
@@ -267,8 +270,12 @@ fn bad_references_are_refused_before_any_scan() {
     let good = std::fs::read(&man).unwrap();
     let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
     let mut flipped = good.clone();
-    flipped[72 + 40] ^= 1;
+    let in_entries = good.len() - 40;
+    flipped[in_entries] ^= 1;
     cases.push(("hash", flipped, "root does not match"));
+    let mut identity = good.clone();
+    identity[72 + 3] ^= 1;
+    cases.push(("identity", identity, "identity"));
     cases.push(("truncated", good[..good.len() - 32].to_vec(), "truncated"));
     let mut size = good.clone();
     size[16..24].copy_from_slice(&(2u64 << 20).to_le_bytes());

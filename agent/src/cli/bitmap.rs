@@ -23,6 +23,10 @@ pub enum BitmapCmd {
     /// (or being recorded by a live agent); otherwise exit 3 with the reason.
     Verify(DiskArgs),
     /// Write the raw bitmap bytes (QEMU's layout), so `b3sum FILE` prints the bitmap's root.
+    /// An existing FILE is refused unless --force is given.
+    #[command(after_help = "EXAMPLES:\n  \
+        bitferry bitmap export --disk vm42/vda --raw /tmp/vda.bitmap && b3sum /tmp/vda.bitmap\n  \
+        bitferry bitmap export --disk vm42/vda --raw /tmp/vda.bitmap --force   # replace it")]
     Export(ExportArgs),
     /// List the bitmaps in the store with their states.
     List,
@@ -77,6 +81,9 @@ pub struct ExportArgs {
     /// Export even if the bitmap is not `consistent` (its bits are then not a promise).
     #[arg(long)]
     pub allow_untrusted: bool,
+    /// Replace FILE if it exists (without it, an existing file is refused).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `bitmap show`: the report with every extent, streamed page by page (through an agent) or
@@ -265,6 +272,7 @@ pub fn run(ctx: &Ctx, cmd: BitmapCmd) -> Result<()> {
             // The agent may run elsewhere in the file system namespace: send an absolute path.
             raw: std::path::absolute(&a.raw)?,
             allow_untrusted: a.allow_untrusted,
+            force: a.force,
         },
         BitmapCmd::List => Request::List,
     };

@@ -355,6 +355,7 @@ pub fn run(_ctx: &Ctx, a: DemoArgs) -> Result<()> {
         disk: disk.clone(),
         raw: raw.clone(),
         allow_untrusted: false,
+        force: false,
     })?;
     let qemu = crate::migrate::bench::qemu_stop_copy_bytes(&std::fs::read(&raw)?);
     let during = done["bytes_during_switchover"].as_u64().unwrap_or(0);

@@ -15,7 +15,12 @@ use std::time::Instant;
 pub enum ManifestCmd {
     /// Hash every block of a backup image (BLAKE3 per block, the last one may be partial) into a
     /// manifest, so a later `rebuild --manifest` needs to read only the live disk. Written
-    /// atomically; holes are hashed as zeros without being read.
+    /// atomically; holes are hashed as zeros without being read. The manifest records which
+    /// file it was made from (path, size, device, inode, mtime), and `rebuild` refuses it for
+    /// that very file.
+    #[command(after_help = "EXAMPLES:\n  \
+        bitferry manifest create --image /backup/vm42-vda.raw --granularity 64K --out /backup/vm42-vda.manifest\n  \
+        bitferry manifest create --image /backup/vm42-vda.raw --out /backup/vm42-vda.manifest --force   # replace it")]
     Create(CreateArgs),
 }
 
@@ -28,9 +33,12 @@ pub struct CreateArgs {
     /// Block size: a power of two from 512 to 64M; must equal the rebuild's granularity.
     #[arg(long, value_parser = parse_size, default_value = "64K")]
     pub granularity: u64,
-    /// Where to write the manifest.
+    /// Where to write the manifest. An existing file is refused unless --force is given.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace the --out file if it exists.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Run a manifest command.
@@ -38,7 +46,7 @@ pub fn run(ctx: &Ctx, cmd: ManifestCmd) -> Result<()> {
     match cmd {
         ManifestCmd::Create(a) => {
             let t = Instant::now();
-            let c = manifest::create(&a.image, a.granularity, &a.out)?;
+            let c = manifest::create_to(&a.image, a.granularity, &a.out, a.force)?;
             print(
                 ctx.json,
                 &json!({

@@ -67,6 +67,9 @@ pub enum Request {
         raw: PathBuf,
         /// Export a non-consistent bitmap anyway.
         allow_untrusted: bool,
+        /// Replace `raw` if it exists (otherwise an existing file is refused).
+        #[serde(default)]
+        force: bool,
     },
     /// `bitmap list`.
     List,

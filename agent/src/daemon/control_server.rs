@@ -416,7 +416,8 @@ async fn serve_connection(
                 disk,
                 raw,
                 allow_untrusted,
-            }) => to_response(export(shared, disk, raw, allow_untrusted).await),
+                force,
+            }) => to_response(export(shared, disk, raw, allow_untrusted, force).await),
             Ok(req) => {
                 let shutdown = matches!(req, Request::Shutdown);
                 let r = locked(shared, move |st| st.execute(req)).await;
@@ -482,11 +483,12 @@ async fn export(
     disk: wire::DiskId,
     raw: std::path::PathBuf,
     allow_untrusted: bool,
+    force: bool,
 ) -> anyhow::Result<serde_json::Value> {
     let d = disk.clone();
     let (state, mut bits) = locked(shared, move |st| st.export_snapshot(&d)).await?;
     tokio::task::spawn_blocking(move || {
-        crate::local::export_raw(&disk, state, &mut bits, &raw, allow_untrusted)
+        crate::local::export_raw(&disk, state, &mut bits, &raw, allow_untrusted, force)
     })
     .await
     .map_err(|e| anyhow::anyhow!("request panicked: {e}"))?

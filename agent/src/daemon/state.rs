@@ -628,9 +628,10 @@ impl AgentState {
                 disk,
                 raw,
                 allow_untrusted,
+                force,
             } => {
                 let (state, mut bits) = self.export_snapshot(&disk)?;
-                export_raw(&disk, state, &mut bits, &raw, allow_untrusted)
+                export_raw(&disk, state, &mut bits, &raw, allow_untrusted, force)
             }
             Request::List => {
                 let rows: Vec<Value> = self

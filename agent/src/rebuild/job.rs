@@ -225,6 +225,7 @@ impl RebuildJob {
         let (reference, ref_id) = match &config.reference {
             ReferenceSpec::Manifest(p) => {
                 let m = Manifest::open(p)?;
+                super::manifest::refuse_same_image(p, m.identity(), &config.live, &live)?;
                 if m.granularity() != config.granularity {
                     return Err(RebuildError::BadReference(format!(
                         "manifest {} has granularity {}, but {} was asked for (rebuild at the \
@@ -250,6 +251,20 @@ impl RebuildJob {
                     )));
                 }
                 let meta = file.metadata().map_err(|e| RebuildError::io(p, e))?;
+                let live_meta = live
+                    .metadata()
+                    .map_err(|e| RebuildError::io(&config.live, e))?;
+                {
+                    use std::os::unix::fs::MetadataExt;
+                    if (meta.dev(), meta.ino()) == (live_meta.dev(), live_meta.ino()) {
+                        return Err(RebuildError::BadReference(format!(
+                            "backup {} is the live image {} itself (same device and inode): \
+                             give the backup image",
+                            p.display(),
+                            config.live.display()
+                        )));
+                    }
+                }
                 let id = RefIdentity::Backup {
                     path: p.display().to_string(),
                     size,

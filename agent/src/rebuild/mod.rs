@@ -46,6 +46,30 @@ pub enum RebuildError {
     /// The reference cannot be used with these parameters.
     #[error("reference refused: {0}")]
     BadReference(String),
+    /// A manifest made from the very image a rebuild is asked to scan: its entries describe
+    /// that image when the manifest was made, not the backup.
+    #[error(
+        "manifest {manifest} was made from {made_from}, which is the live image {live} itself \
+         (device {dev}, inode {ino}), not a backup: comparing with it would find only the writes \
+         since the manifest was made and miss the rest. Make the manifest from the backup image \
+         (`bitferry manifest create --image BACKUP --out FILE`), or compare with the backup \
+         directly (`--backup BACKUP`)"
+    )]
+    SameImage {
+        /// The manifest file.
+        manifest: String,
+        /// The live image as given.
+        live: String,
+        /// The path the manifest recorded.
+        made_from: String,
+        /// Device of both.
+        dev: u64,
+        /// Inode of both.
+        ino: u64,
+    },
+    /// An output file exists and replacing it was not asked for.
+    #[error("{0} already exists; pass --force to replace it")]
+    OutputExists(String),
     /// The disk geometry is not representable.
     #[error(transparent)]
     Geometry(#[from] wire::GeometryError),

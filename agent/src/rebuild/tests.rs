@@ -1,6 +1,7 @@
 //! Exactness of the bitmap-diff: random images, random modifications, every granularity, both
 //! reference kinds, sparse files. Seeds are printed; set `BITFERRY_REBUILD_SEED=N` to replay one.
 
+use super::RebuildError;
 use super::job::{JobConfig, RebuildJob, ReferenceSpec};
 use super::manifest;
 use rand::rngs::StdRng;
@@ -233,11 +234,39 @@ fn refuses_mismatched_manifest_granularity() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("img");
     std::fs::write(&img, vec![1u8; 100_000]).unwrap();
+    let backup = dir.path().join("backup");
+    std::fs::write(&backup, vec![1u8; 100_000]).unwrap();
     let m = dir.path().join("m");
-    manifest::create(&img, 4096, &m).unwrap();
+    manifest::create(&backup, 4096, &m).unwrap();
     let err = RebuildJob::open(JobConfig::new(img, ReferenceSpec::Manifest(m), 65536))
         .err()
         .expect("refused")
         .to_string();
     assert!(err.contains("granularity 4096"), "{err}");
+}
+
+#[test]
+fn refuses_a_manifest_or_backup_of_the_live_image_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    std::fs::write(&img, vec![1u8; 100_000]).unwrap();
+    let m = dir.path().join("m");
+    manifest::create(&img, 4096, &m).unwrap();
+    let err = RebuildJob::open(JobConfig::new(
+        img.clone(),
+        ReferenceSpec::Manifest(m),
+        4096,
+    ))
+    .err()
+    .expect("refused");
+    assert!(matches!(err, RebuildError::SameImage { .. }), "{err}");
+    let err = RebuildJob::open(JobConfig::new(
+        img.clone(),
+        ReferenceSpec::Backup(img),
+        4096,
+    ))
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(err.contains("is the live image"), "{err}");
 }

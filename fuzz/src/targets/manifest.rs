@@ -1,5 +1,5 @@
 //! `agent::rebuild::manifest::parse_header` and the root check `Manifest::open` makes over the
-//! entries: a block manifest's bytes. With the first byte odd, the harness writes the correct
+//! entries: a block manifest's bytes (version 1, and version 2 with the image identity). With the first byte odd, the harness writes the correct
 //! root into the header first so the fuzzer reaches the accepting path.
 
 use super::{MIB64, Target};
@@ -26,29 +26,44 @@ fn run(data: &[u8]) {
         return;
     }
     if mode & 1 == 1 {
-        let root = blake3::hash(&f[H..]);
+        // Entries start after the declared header (version 2) or at 72 (version 1).
+        let declared = u32::from_le_bytes([f[12], f[13], f[14], f[15]]) as usize;
+        let at = if f[8..12] == manifest::VERSION.to_le_bytes() && (H..=f.len()).contains(&declared)
+        {
+            declared
+        } else {
+            H
+        };
+        let root = blake3::hash(&f[at..]);
         f[40..72].copy_from_slice(root.as_bytes());
     }
-    let h: &[u8; H] = f[..H].try_into().expect("header length");
-    let Ok((g, root)) = manifest::parse_header(h, f.len() as u64) else {
+    let Ok(h) = manifest::parse_header(&f, f.len() as u64) else {
         return;
     };
+    let at = h.entries_at as usize;
+    assert!(at >= H && at <= f.len(), "entries outside the file");
     assert_eq!(
-        (f.len() - H) as u64,
-        g.blocks() * manifest::ENTRY as u64,
+        (f.len() - at) as u64,
+        h.geometry.blocks() * manifest::ENTRY as u64,
         "accepted a manifest whose length does not match its blocks"
     );
-    let _ = blake3::hash(&f[H..]).as_bytes() == &root;
+    assert_eq!(
+        h.identity.is_some(),
+        h.version == manifest::VERSION,
+        "an identity only in version 2"
+    );
+    let _ = blake3::hash(&f[at..]).as_bytes() == &h.root;
 }
 
-/// A manifest of `blocks` entries for a disk of `size` bytes at `granularity`.
+/// A version 1 manifest (no identity) of `blocks` entries for a disk of `size` bytes at
+/// `granularity`.
 pub fn sample(size: u64, granularity: u64) -> Vec<u8> {
     let blocks = size.div_ceil(granularity);
     let entries: Vec<u8> = (0..blocks)
         .flat_map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes())
         .collect();
     let mut f = manifest::MAGIC.to_vec();
-    f.extend_from_slice(&manifest::VERSION.to_le_bytes());
+    f.extend_from_slice(&manifest::VERSION_1.to_le_bytes());
     f.extend_from_slice(&[0; 4]);
     f.extend_from_slice(&size.to_le_bytes());
     f.extend_from_slice(&granularity.to_le_bytes());
@@ -58,9 +73,27 @@ pub fn sample(size: u64, granularity: u64) -> Vec<u8> {
     f
 }
 
+/// A version 2 manifest (with the image identity), as `manifest create` writes it, of a small
+/// image written to the temporary directory.
+pub fn sample_v2() -> Vec<u8> {
+    let dir = std::env::temp_dir().join(format!("bitferry-fuzz-seed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    let (img, out) = (dir.join("img"), dir.join("manifest"));
+    std::fs::write(&img, (0..9000u32).map(|i| i as u8).collect::<Vec<u8>>()).expect("image");
+    manifest::create(&img, 4096, &out).expect("manifest create");
+    let bytes = std::fs::read(&out).expect("manifest");
+    let _ = std::fs::remove_dir_all(&dir);
+    bytes
+}
+
 fn seeds() -> Vec<Vec<u8>> {
-    [sample(10_000, 4096), sample(512, 512), sample(1 << 20, 1 << 16)]
-        .into_iter()
+    [
+        sample(10_000, 4096),
+        sample(512, 512),
+        sample(1 << 20, 1 << 16),
+        sample_v2(),
+    ]
+    .into_iter()
         .flat_map(|m| [[&[0u8][..], &m].concat(), [&[1u8][..], &m].concat()])
         .collect()
 }
