@@ -8,6 +8,7 @@ pub mod control;
 pub mod daemon;
 pub mod exit;
 pub mod local;
+pub mod logging;
 pub mod migrate;
 pub mod qcow2;
 pub mod qemu;

@@ -116,8 +116,16 @@ fn os_reason(e: &std::io::Error) -> String {
 fn tls(c: &Config, r: &mut Report) {
     let files = [
         ("tls.ca", &c.tls.ca, "the cluster CA (bitferry cert init)"),
-        ("tls.cert", &c.tls.cert, "this host's certificate (bitferry cert issue)"),
-        ("tls.key", &c.tls.key, "this host's key (bitferry cert issue)"),
+        (
+            "tls.cert",
+            &c.tls.cert,
+            "this host's certificate (bitferry cert issue)",
+        ),
+        (
+            "tls.key",
+            &c.tls.key,
+            "this host's key (bitferry cert issue)",
+        ),
     ];
     let mut all = true;
     for (what, path, is) in files {
@@ -265,6 +273,15 @@ fn image_ok(what: &str, path: &Path, r: &mut Report) -> bool {
             return false;
         }
     };
+    // Seeking to the end of a directory "succeeds" with a nonsense size.
+    if f.metadata().is_ok_and(|m| m.is_dir()) {
+        r.problem(at(
+            what,
+            path,
+            "is a directory; give the image itself (a raw file or a block device)",
+        ));
+        return false;
+    }
     match crate::rebuild::file_size(&f) {
         Ok(_) => true,
         Err(e) => {
@@ -331,7 +348,10 @@ fn manifest(what: &str, path: &Path, rf: &Reference, live: bool, r: &mut Report)
         Ok(h) => h,
         Err(e) => {
             // RebuildError names the path itself.
-            r.problem(format!("{what}: {}", super::describe(&anyhow::Error::new(e))));
+            r.problem(format!(
+                "{what}: {}",
+                super::describe(&anyhow::Error::new(e))
+            ));
             return;
         }
     };
@@ -348,7 +368,10 @@ fn manifest(what: &str, path: &Path, rf: &Reference, live: bool, r: &mut Report)
     if !live {
         return;
     }
-    if let Err(e) = manifest::refuse_same_image(path, &rf.image) {
+    if let Ok(live) = std::fs::File::open(&rf.image)
+        && let Err(e) =
+            manifest::refuse_same_image(path, header.identity.as_ref(), &rf.image, &live)
+    {
         r.problem(format!("{what}: {e}"));
     }
     if let Ok(size) = std::fs::File::open(&rf.image)

@@ -6,7 +6,7 @@
 //! converge, switches over, and waits for the end.
 
 use super::units::parse_size;
-use super::{Ctx, dispatch, output::print};
+use super::{Ctx, Reported, dispatch, output::print};
 use crate::control::Request;
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
@@ -195,21 +195,25 @@ fn progress_line(st: &Value) -> String {
     )
 }
 
+/// Print the final status, or fail with it: a failed migration's one JSON document is its
+/// status with `error` and `exit_code` (never the status and then an error document).
 fn report(ctx: &Ctx, st: &Value) -> Result<()> {
-    print(ctx.json, st);
+    let disk = st["disk"].as_str().unwrap_or("?");
     if let Some(e) = st["switchover_error"].as_str()
         && st["finished"] != true
     {
-        bail!("{}: {e}", st["disk"].as_str().unwrap_or("?"));
+        return Err(Reported::error(1, format!("{disk}: {e}"), st.clone()));
     }
     if let Some(e) = st["error"].as_str()
         && st["phase"] != "completed"
     {
-        bail!(
-            "migration of {} failed: {e}",
-            st["disk"].as_str().unwrap_or("?")
-        );
+        return Err(Reported::error(
+            1,
+            format!("migration of {disk} failed: {e}"),
+            st.clone(),
+        ));
     }
+    print(ctx.json, st);
     Ok(())
 }
 

@@ -1,5 +1,7 @@
 //! The `bitferry` command line. Each command area lives in its own file; this one holds the
-//! top-level parser, logging set-up, and the mapping from errors to exit codes.
+//! top-level parser, logging set-up, and the one way a run ends: an exit code, and with `--json`
+//! exactly one JSON document on stdout, success or failure (usage errors included; a failure's
+//! document has `error` and `exit_code`).
 //!
 //! Exit codes: 0 success; 1 error; 2 usage; 3 the bitmap is not trustworthy (verify failed, or
 //! the command refused an untrusted bitmap); 4 the store is locked by another process.
@@ -9,6 +11,7 @@ pub mod bench;
 pub mod bench_mark;
 pub mod bitmap;
 pub mod cert;
+pub mod check;
 pub mod demo;
 pub mod migrate;
 pub mod output;
@@ -22,7 +25,10 @@ pub mod units;
 
 use crate::control::Request;
 pub use crate::exit::Failure;
-use clap::{Parser, Subcommand};
+pub use crate::logging::LogFormat;
+use clap::{ArgAction, Parser, Subcommand};
+use serde_json::{Value, json};
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -53,22 +59,23 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
 
-    /// Log format on stderr. Verbosity comes from BITFERRY_LOG (e.g. `info`, `bitferry=debug`).
+    /// Log format on stderr. Which events: -v/-q, else BITFERRY_LOG (a level, or TARGET=LEVEL
+    /// pairs such as `bitferry=debug`), else the agent config's `log`, else `warn`.
     #[arg(long, global = true, value_enum, default_value = "human")]
     pub log_format: LogFormat,
+
+    /// More log output: -v info, -vv debug, -vvv trace for bitferry's own events (other crates
+    /// stay at warn). Wins over BITFERRY_LOG.
+    #[arg(short, long, global = true, action = ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+
+    /// Less log output: -q errors only, -qq nothing. Wins over BITFERRY_LOG.
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    pub quiet: u8,
 
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Log output style.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Human,
-    /// One JSON object per line.
-    Json,
 }
 
 /// Top-level commands.
@@ -82,7 +89,13 @@ pub enum Command {
     Bench(bench::BenchCmd),
     /// A narrated tour on this machine, in a temporary directory.
     Demo(demo::DemoArgs),
-    /// Run the agent daemon: QUIC listener, control socket, metrics, live store.
+    /// Run the agent daemon: QUIC listener, control socket, metrics, live store. SIGTERM and
+    /// SIGINT stop it cleanly (every bitmap committed); SIGHUP reloads its config. With
+    /// --check, only validate the config.
+    #[command(after_help = "EXAMPLES:\n  \
+        bitferry agent --config /etc/bitferry/agent.toml\n  \
+        bitferry agent --config /etc/bitferry/agent.toml --check   # validate, one line per problem\n  \
+        kill -HUP $(pidof bitferry)                                 # reload the config")]
     Agent(agent::AgentArgs),
     /// Tell a running (destination) agent to accept a disk's migration (needs --control).
     Expect(agent::ExpectArgs),
@@ -127,24 +140,122 @@ pub fn dispatch(ctx: &Ctx, req: Request) -> anyhow::Result<serde_json::Value> {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BITFERRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+/// A failure whose JSON document carries more than `error` and `exit_code` (the migration
+/// status a failed `migrate` ended with, the problems `agent --check` found): printed as that
+/// one document, with `error` and `exit_code` added.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Reported {
+    /// Exit code.
+    pub code: u8,
+    /// What went wrong, for people.
+    pub message: String,
+    /// The rest of the JSON document (an object).
+    pub fields: Value,
+}
+
+impl Reported {
+    /// A failure with exit code `code`, reported as `fields` plus `error` and `exit_code`.
+    pub fn error(code: u8, message: impl Into<String>, fields: Value) -> anyhow::Error {
+        Reported {
+            code,
+            message: message.into(),
+            fields,
+        }
+        .into()
+    }
+}
+
+/// An error chain as one line: each cause once, even when a message already quotes its source
+/// (an OS error is then not printed twice).
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if s.is_empty() || out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
+fn code_of(e: &anyhow::Error) -> u8 {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<Reported>().map(|r| r.code))
+        .unwrap_or_else(|| crate::exit::exit_code(e))
+}
+
+/// Print a failure on stderr, and with `json` its one JSON document on stdout; its exit code.
+fn fail(json: bool, e: &anyhow::Error) -> ExitCode {
+    let code = code_of(e);
+    let message = describe(e);
+    tracing::debug!(error = %message, "command failed");
+    if json {
+        let mut doc = e
+            .chain()
+            .find_map(|c| c.downcast_ref::<Reported>().map(|r| r.fields.clone()))
+            .filter(Value::is_object)
+            .unwrap_or_else(|| json!({}));
+        doc["error"] = json!(message);
+        doc["exit_code"] = json!(code);
+        output::print(true, &doc);
+    }
+    eprintln!("bitferry: error: {message}");
+    ExitCode::from(code)
+}
+
+/// A command line the parser refused: clap's message on stderr as usual, and with `--json` the
+/// one JSON document (exit 2). Help and version requests print what was asked and succeed.
+fn usage_error(e: clap::Error, json: bool) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let message = if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        "a subcommand is missing here (see --help)".to_string()
+    } else {
+        let rendered = e.render().to_string();
+        rendered
+            .lines()
+            .take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:"))
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join(" ")
+            .trim_start_matches("error: ")
+            .to_string()
     };
+    if json {
+        output::print(true, &json!({"error": message, "exit_code": 2}));
+    }
+    let _ = e.print();
+    ExitCode::from(2)
+}
+
+/// Whether `--json` is on a command line the parser refused (before a `--`).
+fn wants_json(args: &[OsString]) -> bool {
+    args.iter()
+        .skip(1)
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--json")
 }
 
 /// Run the CLI with the process's arguments.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => return usage_error(e, wants_json(&args)),
+    };
+    let env_filter = std::env::var("BITFERRY_LOG").ok();
+    match crate::logging::choose(cli.verbose, cli.quiet, env_filter.as_deref()) {
+        Ok((choice, filter)) => crate::logging::init(cli.log_format, choice, filter),
+        Err(e) => return fail(cli.json, &Failure::usage(e.to_string())),
+    }
     let ctx = Ctx {
         store: cli.store,
         control: cli.control,
@@ -154,7 +265,7 @@ pub fn main() -> ExitCode {
         Command::Bitmap(c) => bitmap::run(&ctx, c),
         Command::Bench(c) => bench::run(&ctx, c),
         Command::Demo(a) => demo::run(&ctx, a),
-        Command::Agent(a) => agent::agent(a),
+        Command::Agent(a) => agent::agent(&ctx, a),
         Command::Expect(a) => agent::expect(&ctx, a),
         Command::Status => agent::status(&ctx),
         Command::Shutdown => agent::shutdown(&ctx),
@@ -166,17 +277,6 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let code = crate::exit::exit_code(&e);
-            tracing::debug!(error = %format!("{e:#}"), "command failed");
-            if ctx.json {
-                println!(
-                    "{}",
-                    serde_json::json!({"error": format!("{e:#}"), "exit_code": code})
-                );
-            }
-            eprintln!("bitferry: error: {e:#}");
-            ExitCode::from(code)
-        }
+        Err(e) => fail(ctx.json, &e),
     }
 }

@@ -85,14 +85,21 @@ pub fn start(ctx: &Ctx, a: RunArgs) -> Result<()> {
         return Ok(());
     }
     let v = follow(ctx, &disk)?;
-    print(ctx.json, &v);
     match v["state"].as_str() {
-        Some("completed") => Ok(()),
-        s => bail!(
-            "the rebuild of {disk} ended {}: {}",
-            s.unwrap_or("?"),
-            v["error"].as_str().unwrap_or("no reason given")
-        ),
+        Some("completed") => {
+            print(ctx.json, &v);
+            Ok(())
+        }
+        // One JSON document: the job's last status with `error` and `exit_code`.
+        s => Err(super::Reported::error(
+            1,
+            format!(
+                "the rebuild of {disk} ended {}: {}",
+                s.unwrap_or("?"),
+                v["error"].as_str().unwrap_or("no reason given")
+            ),
+            v.clone(),
+        )),
     }
 }
 

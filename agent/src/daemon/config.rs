@@ -35,6 +35,10 @@ pub struct Config {
     /// request bytes).
     #[serde(default)]
     pub control_limits: ControlLimits,
+    /// Log filter (`info`, `bitferry=debug`, …) when neither -v/-q nor BITFERRY_LOG sets one;
+    /// `warn` when absent. Reloaded on SIGHUP.
+    #[serde(default)]
+    pub log: Option<String>,
 }
 
 /// `[control_limits]`: what control-socket clients together may hold, so a leaked, stuck or
@@ -121,7 +125,7 @@ fn default_flush_ms() -> u64 {
 }
 
 /// Paths of the cluster CA and this host's certificate and key.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsPaths {
     /// Cluster CA certificate (`bitferry cert init`).
@@ -144,7 +148,7 @@ pub struct Expectation {
 }
 
 /// QUIC transport settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TransportConfig {
     /// Idle timeout in milliseconds (the smaller of both peers' applies).
@@ -249,6 +253,14 @@ impl Config {
             return Err(ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
+            });
+        }
+        if let Some(spec) = &c.log
+            && let Err(e) = crate::logging::parse(spec, "log")
+        {
+            return Err(ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: e.to_string(),
             });
         }
         if c.flush_interval_ms == 0 {

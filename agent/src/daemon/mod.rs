@@ -5,6 +5,7 @@ pub mod config;
 pub mod control_server;
 pub mod limits;
 pub mod rebuild;
+pub mod reload;
 pub mod state;
 
 use anyhow::{Context, Result, bail};
@@ -26,15 +27,32 @@ pub struct Net {
 }
 
 /// Run the agent until SIGINT, SIGTERM or a `shutdown` request; then commit everything.
-pub fn run(config: Config) -> Result<()> {
+/// SIGHUP reloads the config from `config_path` ([`reload`]).
+pub fn run(config: Config, config_path: std::path::PathBuf) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(serve(config))
+    rt.block_on(serve(config, config_path))
 }
 
-async fn serve(config: Config) -> Result<()> {
+async fn serve(mut config: Config, config_path: std::path::PathBuf) -> Result<()> {
+    // Handlers first: from here on SIGHUP, SIGINT and SIGTERM are delivered to the loop below
+    // (queued until it runs) instead of killing the agent without a last commit.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    match crate::logging::apply_config(config.log.as_deref()) {
+        Ok(crate::logging::Applied::Pinned { by, current }) if config.log.is_some() => {
+            tracing::info!(set_by = by, filter = %current, "the config's `log` is not used: {by} sets the log filter");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "`log` not applied"),
+    }
+    for p in crate::cli::check::reference_problems(&config.reference) {
+        tracing::warn!(problem = %p, "a [[reference]] cannot be used as it is");
+    }
     let (nofile, raise_failed) = limits::raise_nofile();
     let shown = |l: Option<u64>| l.map_or("unlimited".to_string(), |l| l.to_string());
     if let Some(e) = raise_failed {
@@ -168,11 +186,34 @@ async fn serve(config: Config) -> Result<()> {
         store = %config.store.display(),
         "agent ready"
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = stop.notified() => tracing::info!("shutdown requested"),
+    loop {
+        tokio::select! {
+            _ = int.recv() => {
+                tracing::info!("SIGINT: shutting down");
+                break;
+            }
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: shutting down");
+                break;
+            }
+            _ = stop.notified() => {
+                tracing::info!("shutdown requested");
+                break;
+            }
+            _ = hup.recv() => {
+                let (path, mut running, shared) = (config_path.clone(), config.clone(), shared.clone());
+                // Reads files and takes the state lock: off the reactor.
+                match tokio::task::spawn_blocking(move || {
+                    reload::reload(&path, &mut running, &shared);
+                    running
+                })
+                .await
+                {
+                    Ok(reloaded) => config = reloaded,
+                    Err(e) => tracing::error!(error = %e, "config reload failed; the running config stays in force"),
+                }
+            }
+        }
     }
     flusher.abort();
     rebuild_poller.abort();
