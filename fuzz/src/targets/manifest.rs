@@ -73,17 +73,29 @@ pub fn sample(size: u64, granularity: u64) -> Vec<u8> {
     f
 }
 
-/// A version 2 manifest (with the image identity), as `manifest create` writes it, of a small
-/// image written to the temporary directory.
+/// A version 2 manifest (with the image identity, laid out as `manifest create` writes it) of
+/// 10,000 bytes at 4096, for a fixed made-up image (seeds must not depend on the machine).
 pub fn sample_v2() -> Vec<u8> {
-    let dir = std::env::temp_dir().join(format!("bitferry-fuzz-seed-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temporary directory");
-    let (img, out) = (dir.join("img"), dir.join("manifest"));
-    std::fs::write(&img, (0..9000u32).map(|i| i as u8).collect::<Vec<u8>>()).expect("image");
-    manifest::create(&img, 4096, &out).expect("manifest create");
-    let bytes = std::fs::read(&out).expect("manifest");
-    let _ = std::fs::remove_dir_all(&dir);
-    bytes
+    let (size, granularity) = (10_000u64, 4096u64);
+    let blocks = size.div_ceil(granularity);
+    let entries: Vec<u8> = (0..blocks)
+        .flat_map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes())
+        .collect();
+    let mut identity = br#"{"path":"/backups/vm42-vda.raw","size":10000,"dev":2049,"ino":131,"rdev":0,"kind":"file","mtime_sec":1700000000,"mtime_nsec":0}"#.to_vec();
+    let total = (H + identity.len() + 32).next_multiple_of(8);
+    identity.resize(total - H - 32, b' ');
+    let hash = *blake3::hash(&identity).as_bytes();
+    let mut f = manifest::MAGIC.to_vec();
+    f.extend_from_slice(&manifest::VERSION.to_le_bytes());
+    f.extend_from_slice(&(total as u32).to_le_bytes());
+    f.extend_from_slice(&size.to_le_bytes());
+    f.extend_from_slice(&granularity.to_le_bytes());
+    f.extend_from_slice(&blocks.to_le_bytes());
+    f.extend_from_slice(blake3::hash(&entries).as_bytes());
+    f.extend_from_slice(&identity);
+    f.extend_from_slice(&hash);
+    f.extend_from_slice(&entries);
+    f
 }
 
 fn seeds() -> Vec<Vec<u8>> {
