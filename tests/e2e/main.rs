@@ -15,6 +15,7 @@ mod full_store;
 mod kill_campaign;
 mod large_bitmaps;
 mod load;
+mod metrics_endpoint;
 mod migrate;
 mod migrate_refusals;
 mod qcow2;
