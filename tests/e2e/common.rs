@@ -69,6 +69,13 @@ pub fn blocks_missing(extents: &[serde_json::Value], truth: &wire::Bitmap) -> u6
     lost.count()
 }
 
+/// How many descriptors process `pid` holds (its `/proc/PID/fd` entries).
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
 /// A seed from `BITFERRY_TEST_SEED` or fresh, printed so a failure can be replayed.
 pub fn seed(test: &str) -> u64 {
     let s = std::env::var("BITFERRY_TEST_SEED")

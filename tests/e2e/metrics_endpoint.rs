@@ -2,7 +2,7 @@
 //! connections is capped and timed out, the store keeps committing and the control socket keeps
 //! answering. Before, the exporter's listener accepted every connection and kept it open.
 
-use crate::common::{AgentProc, cluster_ca};
+use crate::common::{AgentProc, cluster_ca, open_fds};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -27,12 +27,6 @@ fn http(port: u16, method: &str, path: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     (!out.is_empty()).then_some(out)
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
 }
 
 #[test]
