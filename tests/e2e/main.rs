@@ -20,6 +20,7 @@ mod migrate;
 mod migrate_refusals;
 mod qcow2;
 mod qemu_clients;
+mod qemu_drain;
 mod rebuild;
 mod rebuild_agent;
 mod store_crash;
