@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::path::Path;
 use wire::proto::frame;
 use wire::proto::{
-    Action, CommitMeta, DestPolicy, DestSession, Expectation, FrameDecoder, Incoming, Message,
-    Mode, Outcome, SourceConfig, SourceSession,
+    Action, CommitMeta, DestPhase, DestPolicy, DestSession, Expectation, FrameDecoder, Incoming,
+    Message, Mode, Outcome, SourceConfig, SourceSession,
 };
 use wire::{Bitmap, DiskId, Geometry, State};
 
@@ -564,7 +564,7 @@ impl World {
         };
         let pending = std::mem::take(&mut m.inbox);
         let takes = matches!(&m.sess, Sess::Dst(d)
-            if matches!(d.phase(), "receiving rounds" | "receiving post-copy chunks"));
+            if matches!(d.phase(), DestPhase::Receiving | DestPhase::PostCopy));
         if !takes {
             let name = host.name.clone();
             let n = pending.len();

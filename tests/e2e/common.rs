@@ -69,6 +69,13 @@ pub fn blocks_missing(extents: &[serde_json::Value], truth: &wire::Bitmap) -> u6
     lost.count()
 }
 
+/// How many descriptors process `pid` holds (its `/proc/PID/fd` entries).
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
 /// A seed from `BITFERRY_TEST_SEED` or fresh, printed so a failure can be replayed.
 pub fn seed(test: &str) -> u64 {
     let s = std::env::var("BITFERRY_TEST_SEED")
@@ -77,6 +84,55 @@ pub fn seed(test: &str) -> u64 {
         .unwrap_or_else(rand::random);
     eprintln!("{test}: seed {s} (replay with BITFERRY_TEST_SEED={s})");
     s
+}
+
+/// Transport limits and flush interval written into an e2e agent's config.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `transport.idle_timeout_ms`.
+    pub idle_ms: u64,
+    /// `transport.keep_alive_ms`.
+    pub keep_alive_ms: u64,
+    /// `transport.frame_stall_ms`.
+    pub frame_stall_ms: u64,
+    /// `transport.switchover_silence_ms`.
+    pub silence_ms: u64,
+    /// `flush_interval_ms`.
+    pub flush_ms: u64,
+}
+
+impl Limits {
+    /// What [`AgentProc::start`] writes: short, so a dead peer is noticed within a test.
+    pub const E2E: Limits = Limits {
+        idle_ms: 3000,
+        keep_alive_ms: 500,
+        frame_stall_ms: 2000,
+        silence_ms: 4000,
+        flush_ms: 100,
+    };
+}
+
+/// The `agent.toml` of an e2e agent named `name`: loopback listen, store and control socket
+/// beside the file, the certificate `cert issue` made for `name` under the CA in `ca`, the
+/// `limits` (`None`: the agent's defaults), and `extra` (top-level keys or tables) before `[tls]`.
+pub fn agent_toml(name: &str, ca: &std::path::Path, limits: Option<Limits>, extra: &str) -> String {
+    let mut c =
+        String::from("listen = \"127.0.0.1:0\"\nstore = \"store\"\ncontrol = \"control.sock\"\n");
+    if let Some(l) = limits {
+        c += &format!("flush_interval_ms = {}\n", l.flush_ms);
+    }
+    c += &format!(
+        "{extra}\n[tls]\nca = \"{}\"\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\n",
+        ca.join("ca.pem").display()
+    );
+    if let Some(l) = limits {
+        c += &format!(
+            "[transport]\nidle_timeout_ms = {}\nkeep_alive_ms = {}\nframe_stall_ms = {}\n\
+             switchover_silence_ms = {}\n",
+            l.idle_ms, l.keep_alive_ms, l.frame_stall_ms, l.silence_ms
+        );
+    }
+    c
 }
 
 /// A running `bitferry agent`, killed when dropped.
@@ -133,17 +189,7 @@ impl AgentProc {
             );
         }
         if !config.exists() {
-            std::fs::write(
-                &config,
-                format!(
-                    "listen = \"127.0.0.1:0\"\nstore = \"store\"\ncontrol = \"control.sock\"\nflush_interval_ms = 100\n\
-                     {extra_toml}\n\
-                     [tls]\nca = \"{}\"\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\n\
-                     [transport]\nidle_timeout_ms = 3000\nkeep_alive_ms = 500\nframe_stall_ms = 2000\nswitchover_silence_ms = 4000\n",
-                    ca.join("ca.pem").display()
-                ),
-            )
-            .unwrap();
+            std::fs::write(&config, agent_toml(name, ca, Some(Limits::E2E), extra_toml)).unwrap();
         }
         let log = std::fs::File::create(dir.join("agent.log")).unwrap();
         let mut cmd = match wrapper.split_first() {

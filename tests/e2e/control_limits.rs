@@ -3,7 +3,7 @@
 //! silent and slow clients, and many clients each sending a huge unterminated line. The agent
 //! must refuse clearly, not spin, not flood its log, not balloon, and recover.
 
-use crate::common::{AgentProc, cluster_ca};
+use crate::common::{AgentProc, cluster_ca, open_fds};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -102,12 +102,6 @@ fn status_works_within(a: &AgentProc, within: Duration) -> bool {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
 }
 
 /// F2: the agent runs with only 128 descriptors and 200 clients connect and stay silent. The

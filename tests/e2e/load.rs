@@ -9,7 +9,7 @@
 //! peak, per disk. Disk geometry: `BITFERRY_LOAD_SIZE` (default 1G) and
 //! `BITFERRY_LOAD_GRANULARITY` (default 64K); docs/operations.md §Memory has hand runs.
 
-use crate::common::{AgentProc, bitferry, cluster_ca};
+use crate::common::{AgentProc, agent_toml, bitferry, cluster_ca};
 use agent::control::{Request, client};
 use serde_json::Value;
 use std::path::Path;
@@ -58,15 +58,7 @@ fn write_config(dir: &Path, name: &str, ca: &Path, extra: &str) {
     std::fs::create_dir_all(dir).unwrap();
     // The default transport limits: hundreds of sessions on two shared cores must not trip the
     // short stall limits the other e2e tests use.
-    std::fs::write(
-        dir.join("agent.toml"),
-        format!(
-            "listen = \"127.0.0.1:0\"\nstore = \"store\"\ncontrol = \"control.sock\"\n{extra}\n\
-             [tls]\nca = \"{}\"\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\n",
-            ca.join("ca.pem").display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(dir.join("agent.toml"), agent_toml(name, ca, None, extra)).unwrap();
 }
 
 #[test]

@@ -23,7 +23,7 @@ use crate::common::{bitferry, seed};
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
-fn tmp() -> tempfile::TempDir {
+pub(crate) fn tmp() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("bfqc")
         .tempdir_in("/tmp")
@@ -42,7 +42,7 @@ fn run(cmd: &mut Command) -> std::process::Output {
     out
 }
 
-fn qemu_img(args: &[&str]) {
+pub(crate) fn qemu_img(args: &[&str]) {
     run(Command::new("qemu-img").args(args));
 }
 
@@ -62,8 +62,8 @@ fn qemu_io(fmt: &str, target: &str, writes: &[(u64, u64, u8)]) {
 }
 
 /// A QEMU process, SIGKILLed and reaped on drop.
-struct Proc {
-    child: Child,
+pub(crate) struct Proc {
+    pub(crate) child: Child,
     what: &'static str,
 }
 
@@ -97,7 +97,7 @@ impl Proc {
         }
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -156,7 +156,7 @@ fn storage_daemon(img: &Path, qmp: &Path) -> Proc {
 
 /// `qemu-system-x86_64 -M none` (no guest) with `img` as `file0`/`fmt0` and one QMP monitor
 /// per socket in `monitors`.
-fn system_emulator(img: &Path, monitors: &[&Path]) -> Proc {
+pub(crate) fn system_emulator(img: &Path, monitors: &[&Path]) -> Proc {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-M", "none", "-nodefaults", "-display", "none"])
         .arg("-blockdev")
@@ -178,7 +178,7 @@ fn system_emulator(img: &Path, monitors: &[&Path]) -> Proc {
 
 /// Connect, retrying while QEMU still sets the monitor up (our own probe connection from
 /// `wait_socket` may still occupy it for a moment).
-async fn qmp(sock: &Path) -> Qmp {
+pub(crate) async fn qmp(sock: &Path) -> Qmp {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match Qmp::connect_with(

@@ -9,7 +9,7 @@
 //! only grows). `BITFERRY_SWITCHOVERS` sets the number of migrations (default 200: 100 of each
 //! kind); the seed is printed and `BITFERRY_TEST_SEED` replays the marks' ranges.
 
-use crate::common::{AgentProc, blocks_missing, cluster_ca, seed};
+use crate::common::{AgentProc, Limits, agent_toml, blocks_missing, cluster_ca, seed};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Write};
@@ -132,7 +132,6 @@ fn wait_until(
     }
 }
 
-/// Blocks of `truth` missing from the extents of a `bitmap show` report.
 #[test]
 fn every_mark_the_destination_acknowledges_around_a_switchover_is_kept() {
     let switchovers: usize = std::env::var("BITFERRY_SWITCHOVERS")
@@ -144,10 +143,21 @@ fn every_mark_the_destination_acknowledges_around_a_switchover_is_kept() {
     let dir = tempfile::tempdir().unwrap();
     let ca = cluster_ca(&dir.path().join("ca"));
     let names = ["host-a", "host-b"];
-    let agents = [
-        AgentProc::start(&dir.path().join("a"), names[0], &ca, ""),
-        AgentProc::start(&dir.path().join("b"), names[1], &ca, ""),
-    ];
+    // Transport limits looser than the other e2e tests': this test is about marks, not dead
+    // peers, and four markers on two cores can starve a 3 s idle timeout on a loaded machine.
+    let limits = Limits {
+        idle_ms: 15_000,
+        keep_alive_ms: 1000,
+        frame_stall_ms: 10_000,
+        silence_ms: 20_000,
+        flush_ms: 100,
+    };
+    let agents = names.map(|n| {
+        let d = dir.path().join(&n[5..]);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("agent.toml"), agent_toml(n, &ca, Some(limits), "")).unwrap();
+        AgentProc::start(&d, n, &ca, "")
+    });
     let addrs = [agents[0].listen_addr(), agents[1].listen_addr()];
     let logs = || {
         format!(

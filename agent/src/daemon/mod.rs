@@ -4,6 +4,7 @@
 pub mod config;
 pub mod control_server;
 pub mod limits;
+pub mod metrics_http;
 pub mod rebuild;
 pub mod reload;
 pub mod state;
@@ -92,10 +93,10 @@ async fn serve(mut config: Config, config_path: std::path::PathBuf) -> Result<()
     let stop = Arc::new(Notify::new());
 
     if let Some(addr) = config.metrics {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
+        let (handle, listener) = metrics_http::bind(addr)
+            .await
+            .context("starting the metrics endpoint")?;
+        tokio::spawn(metrics_http::serve(listener, handle));
     }
 
     let tls =

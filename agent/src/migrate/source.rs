@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use wire::proto::{Action, Mode, Outcome, SourceConfig, SourceSession};
+use wire::proto::{Action, Mode, Outcome, SourceConfig, SourcePhase, SourceSession};
 use wire::{DiskId, State};
 
 /// Start migrating `disk` to the agent at `to`. Registers the migration and returns at once;
@@ -189,10 +189,7 @@ impl Task {
                 net_open = self.on_net(&mut session, Some(ev))?;
             }
             if let Some(postcopy) = pending_switchover
-                && !matches!(
-                    session.phase(),
-                    "waiting for Welcome" | "waiting for Accept"
-                )
+                && !matches!(session.phase(), SourcePhase::Hello | SourcePhase::Offered)
             {
                 pending_switchover = None;
                 if !session_over(&session)
@@ -307,7 +304,7 @@ impl Task {
             s.stats = stats;
             if !switched && s.phase != "failed" {
                 s.phase = match session.phase() {
-                    "waiting for Welcome" | "waiting for Accept" => "negotiating",
+                    SourcePhase::Hello | SourcePhase::Offered => "negotiating",
                     _ if stats.rounds == 0 => "bulk",
                     _ => "pre-copy",
                 };
@@ -467,5 +464,5 @@ impl Task {
 
 /// Whether the session has reached its end (its final actions may still be queued).
 fn session_over(session: &SourceSession) -> bool {
-    session.phase() == "finished"
+    session.phase() == SourcePhase::Done
 }

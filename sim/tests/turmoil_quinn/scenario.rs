@@ -15,8 +15,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::{interval, sleep, timeout};
 use wire::proto::{
-    Action, CommitMeta, DestPolicy, DestSession, Expectation, Incoming, Mode, Outcome,
-    SourceConfig, SourceSession,
+    Action, CommitMeta, DestPhase, DestPolicy, DestSession, Expectation, Incoming, Mode, Outcome,
+    SourceConfig, SourcePhase, SourceSession,
 };
 use wire::{Bitmap, DiskId, Geometry, State};
 
@@ -369,7 +369,7 @@ async fn source(
     let mut tick = interval(TICK);
     let mut marked = false;
     let mut switched = false;
-    let over = |s: &SourceSession| s.phase() == "finished";
+    let over = |s: &SourceSession| s.phase() == SourcePhase::Done;
     let end = 'session: loop {
         if let Some(a) = session.poll_action() {
             match a {
@@ -430,7 +430,7 @@ async fn source(
                         session.start_round()?;
                         marked = false;
                     }
-                } else if session.phase() == "running pre-copy rounds" {
+                } else if session.phase() == SourcePhase::Rounds {
                     // The VM pauses: everything written so far must reach the destination.
                     // (Only once the destination accepted: before that there is nothing to
                     // switch over to, and the session refuses.)
@@ -516,7 +516,7 @@ async fn destination(
     // Writes made here before the first commit, held for it (the agent's rule,
     // `AgentState::arriving`).
     let mut early: Vec<(u64, u64)> = Vec::new();
-    let over = |s: &DestSession| s.phase() == "finished";
+    let over = |s: &DestSession| s.phase() == DestPhase::Done;
     let end = 'session: loop {
         while let Some(a) = session.poll_action() {
             match a {

@@ -80,7 +80,8 @@
 
 pub mod checker;
 
-use crate::common::{AgentProc, bitferry, bitferry_path, cluster_ca};
+pub use crate::common::Limits;
+use crate::common::{AgentProc, agent_toml, bitferry, bitferry_path, cluster_ca};
 use agent::control::{Request, client};
 use checker::{Ack, DiskView, Entry};
 use rand::seq::SliceRandom;
@@ -165,23 +166,8 @@ impl Phase {
     }
 }
 
-/// Transport limits of the campaign's agents (small, so a dead peer is noticed quickly).
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// `transport.idle_timeout_ms`.
-    pub idle_ms: u64,
-    /// `transport.keep_alive_ms`.
-    pub keep_alive_ms: u64,
-    /// `transport.frame_stall_ms`.
-    pub frame_stall_ms: u64,
-    /// `transport.switchover_silence_ms`.
-    pub silence_ms: u64,
-    /// `flush_interval_ms`.
-    pub flush_ms: u64,
-}
-
 impl Limits {
-    /// The campaign's defaults.
+    /// The campaign's limits (small, so a dead peer is noticed quickly).
     pub const CAMPAIGN: Limits = Limits {
         idle_ms: 2000,
         keep_alive_ms: 300,
@@ -255,20 +241,7 @@ impl Host {
     }
 
     fn write_config(&self) {
-        let l = self.limits;
-        let mut c = format!(
-            "listen = \"127.0.0.1:0\"\nstore = \"store\"\ncontrol = \"control.sock\"\n\
-             flush_interval_ms = {}\n\n[tls]\nca = \"{}\"\ncert = \"{n}.pem\"\nkey = \"{n}.key\"\n\n\
-             [transport]\nidle_timeout_ms = {}\nkeep_alive_ms = {}\nframe_stall_ms = {}\n\
-             switchover_silence_ms = {}\n",
-            l.flush_ms,
-            self.ca.join("ca.pem").display(),
-            l.idle_ms,
-            l.keep_alive_ms,
-            l.frame_stall_ms,
-            l.silence_ms,
-            n = self.name,
-        );
+        let mut c = String::new();
         for r in &self.references {
             let _ = write!(
                 c,
@@ -281,7 +254,11 @@ impl Host {
                 let _ = writeln!(c, "rate = {rate}");
             }
         }
-        std::fs::write(self.dir.join("agent.toml"), c).unwrap();
+        std::fs::write(
+            self.dir.join("agent.toml"),
+            agent_toml(&self.name, &self.ca, Some(self.limits), &c),
+        )
+        .unwrap();
     }
 
     /// Move the current log to the archive; return what it said about panics.

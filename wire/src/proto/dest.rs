@@ -46,20 +46,28 @@ pub struct DestPolicy {
     pub allow_postcopy: bool,
 }
 
+/// Where a [`DestSession`] is (docs/protocol.md §5); exported as `wire::proto::DestPhase`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
+pub enum Phase {
+    /// Waiting for the source's Hello.
     Hello,
+    /// Welcome sent, waiting for an Offer.
     Offer,
+    /// Accepted; receiving bulk and pre-copy rounds.
     Receiving,
+    /// Switched over in post-copy: owner, receiving the rest of the bitmap.
     PostCopy,
     /// Owner of a verified bitmap; the final Commit is queued or being made durable.
     Owner,
+    /// Committed sent, waiting for the source's Retired.
     AwaitRetired,
+    /// Over, one way or the other (see the session's outcome).
     Done,
 }
 
 impl Phase {
-    fn name(self) -> &'static str {
+    /// The phase in words, for status displays and logs.
+    pub fn name(self) -> &'static str {
         match self {
             Phase::Hello => "waiting for Hello",
             Phase::Offer => "waiting for Offer",
@@ -997,9 +1005,9 @@ impl DestSession {
         self.owner
     }
 
-    /// What the session is doing, in words (for status displays and logs).
-    pub fn phase(&self) -> &'static str {
-        self.phase.name()
+    /// Where the session is ([`Phase::name`] says it in words).
+    pub fn phase(&self) -> Phase {
+        self.phase
     }
 
     /// Bytes and rounds so far.

@@ -19,8 +19,8 @@ pub mod source;
 mod tests;
 
 pub use action::{Action, CommitMeta, Failure, Outcome, Stats};
-pub use dest::{DestPolicy, DestSession, Expectation};
+pub use dest::{DestPolicy, DestSession, Expectation, Phase as DestPhase};
 pub use error::{FrameError, PeerError, UsageError};
 pub use frame::{FrameDecoder, Incoming, MAX_FRAME, MAX_PAYLOAD};
 pub use msg::{Message, Mode};
-pub use source::{SourceConfig, SourceSession};
+pub use source::{Phase as SourcePhase, SourceConfig, SourceSession};

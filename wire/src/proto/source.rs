@@ -31,17 +31,24 @@ pub struct SourceConfig {
     pub mode: Mode,
 }
 
+/// Where a [`SourceSession`] is (docs/protocol.md §5); exported as `wire::proto::SourcePhase`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
+pub enum Phase {
+    /// Hello sent, waiting for the destination's Welcome.
     Hello,
+    /// Offer sent, waiting for Accept (or a refusal).
     Offered,
+    /// Bulk and pre-copy rounds; a switchover may be asked for.
     Rounds,
+    /// Switched over; waiting for the destination's Committed.
     Switched,
+    /// Over, one way or the other (see the session's outcome).
     Done,
 }
 
 impl Phase {
-    fn name(self) -> &'static str {
+    /// The phase in words, for status displays and logs.
+    pub fn name(self) -> &'static str {
         match self {
             Phase::Hello => "waiting for Welcome",
             Phase::Offered => "waiting for Accept",
@@ -706,9 +713,9 @@ impl SourceSession {
         }
     }
 
-    /// What the session is doing, in words (for status displays and logs).
-    pub fn phase(&self) -> &'static str {
-        self.phase.name()
+    /// Where the session is ([`Phase::name`] says it in words).
+    pub fn phase(&self) -> Phase {
+        self.phase
     }
 
     /// Bytes and rounds so far.

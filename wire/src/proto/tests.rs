@@ -601,7 +601,7 @@ fn a_failed_hand_over_withdraws_the_switchover_and_a_later_one_completes() {
         assert!(p.commits.is_empty(), "{what}: nothing switched over");
         assert!(!p.dst.owns(), "{what}");
         assert_eq!(p.src_outcome(), None, "{what}: the session goes on");
-        assert_eq!(p.src.phase(), "running pre-copy rounds", "{what}");
+        assert_eq!(p.src.phase(), SourcePhase::Rounds, "{what}");
         // The VM kept running here: more writes, then a round, then the switchover again.
         p.src
             .mark_blocks(3 * per_chunk + 9, 3 * per_chunk + 11)
