@@ -55,3 +55,20 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     }
     1
 }
+
+/// An error chain as one line: each cause once, even when a message already quotes its source
+/// (an OS error is then not printed twice).
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if s.is_empty() || out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}

@@ -16,3 +16,4 @@ pub mod rebuild;
 pub mod report;
 pub mod store;
 pub mod transport;
+pub mod units;

@@ -44,7 +44,7 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> Result<()> {
 
 /// `agent --check`: every problem on a line of its own (stdout), then the verdict.
 fn check(ctx: &Ctx, path: &std::path::Path) -> Result<()> {
-    let r = super::check::check(path);
+    let r = crate::daemon::check::check(path);
     let doc = json!({
         "config": path,
         "problems": r.problems,

@@ -11,7 +11,6 @@ pub mod bench;
 pub mod bench_mark;
 pub mod bitmap;
 pub mod cert;
-pub mod check;
 pub mod demo;
 pub mod migrate;
 pub mod output;
@@ -21,7 +20,7 @@ pub mod qcow2;
 
 pub mod rebuild;
 pub mod rebuild_agent;
-pub mod units;
+pub use crate::units;
 
 use crate::control::Request;
 pub use crate::exit::Failure;
@@ -166,22 +165,7 @@ impl Reported {
     }
 }
 
-/// An error chain as one line: each cause once, even when a message already quotes its source
-/// (an OS error is then not printed twice).
-pub fn describe(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let s = cause.to_string();
-        if s.is_empty() || out.contains(&s) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&s);
-    }
-    out
-}
+pub use crate::exit::describe;
 
 fn code_of(e: &anyhow::Error) -> u8 {
     e.chain()

@@ -1,6 +1,7 @@
 //! `bitferry agent`: the daemon. It holds the store locked, tracks its disks live, serves the
 //! control socket, exports metrics, and (with the transport) listens for migrations over QUIC.
 
+pub mod check;
 pub mod config;
 pub mod control_server;
 pub mod limits;
@@ -51,7 +52,7 @@ async fn serve(mut config: Config, config_path: std::path::PathBuf) -> Result<()
         Ok(_) => {}
         Err(e) => tracing::error!(error = %e, "`log` not applied"),
     }
-    for p in crate::cli::check::reference_problems(&config.reference) {
+    for p in check::reference_problems(&config.reference) {
         tracing::warn!(problem = %p, "a [[reference]] cannot be used as it is");
     }
     let (nofile, raise_failed) = limits::raise_nofile();

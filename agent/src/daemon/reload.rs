@@ -97,7 +97,7 @@ pub fn reload(path: &Path, running: &mut Config, shared: &Shared) -> Option<Relo
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(error = %crate::cli::describe(&anyhow::Error::new(e)), "config reload failed; the running config stays in force");
+            tracing::error!(error = %crate::exit::describe(&anyhow::Error::new(e)), "config reload failed; the running config stays in force");
             return None;
         }
     };
@@ -129,7 +129,7 @@ pub fn reload(path: &Path, running: &mut Config, shared: &Shared) -> Option<Relo
             .extend(reference_changes(&running.reference, &new.reference));
         st.rebuilds.references = new.reference.clone();
     }
-    for p in crate::cli::check::reference_problems(&new.reference) {
+    for p in super::check::reference_problems(&new.reference) {
         tracing::warn!(problem = %p, "a [[reference]] cannot be used as it is");
     }
     running.expect = new.expect;

@@ -433,8 +433,8 @@ pub fn run(p: &Params) -> Result<serde_json::Value, BenchError> {
     for &size in &p.sizes {
         (p.progress)(&format!(
             "switchover scenario: {} disk, {} granularity",
-            crate::cli::units::human(size),
-            crate::cli::units::human(p.granularity)
+            crate::units::human(size),
+            crate::units::human(p.granularity)
         ));
         let geom = Geometry::new(size, p.granularity).map_err(|e| bad(e.to_string()))?;
         let f = rt.block_on(switchover_scenario(&ids, &opts, geom, p.marks, p.seed))?;

@@ -49,7 +49,7 @@ pub fn check(path: &Path) -> Report {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
-            r.problem(super::describe(&anyhow::Error::new(e)));
+            r.problem(crate::exit::describe(&anyhow::Error::new(e)));
             return r;
         }
     };
@@ -350,7 +350,7 @@ fn manifest(what: &str, path: &Path, rf: &Reference, live: bool, r: &mut Report)
             // RebuildError names the path itself.
             r.problem(format!(
                 "{what}: {}",
-                super::describe(&anyhow::Error::new(e))
+                crate::exit::describe(&anyhow::Error::new(e))
             ));
             return;
         }
@@ -361,8 +361,8 @@ fn manifest(what: &str, path: &Path, rf: &Reference, live: bool, r: &mut Report)
         r.problem(format!(
             "{what} {}: has granularity {}, the reference asks for {}",
             path.display(),
-            super::units::human_bytes(header.geometry.granularity()),
-            super::units::human_bytes(g)
+            crate::units::human_bytes(header.geometry.granularity()),
+            crate::units::human_bytes(g)
         ));
     }
     if !live {
@@ -383,9 +383,9 @@ fn manifest(what: &str, path: &Path, rf: &Reference, live: bool, r: &mut Report)
             "{what} {}: describes {}, the live image {} has {} (a rebuild marks every block \
              past the shorter one dirty)",
             path.display(),
-            super::units::human_bytes(header.geometry.size()),
+            crate::units::human_bytes(header.geometry.size()),
             rf.image.display(),
-            super::units::human_bytes(size)
+            crate::units::human_bytes(size)
         ));
     }
 }
