@@ -682,7 +682,7 @@ impl AgentState {
             Request::MigrateSwitchover { disk, postcopy } => {
                 let m = self.migration(&disk, Some(Role::Source))?;
                 let phase = m.status.lock().expect("status lock").phase;
-                if !matches!(phase, "connecting" | "negotiating" | "bulk" | "pre-copy") {
+                if !phase.before_switchover() {
                     bail!("{disk}'s migration is not ready for switchover (phase: {phase})");
                 }
                 m.status.lock().expect("status lock").switchover_error = None;

@@ -11,7 +11,7 @@
 //! disk (finding F1).
 
 use super::io::{NetEvent, send, spawn_reader};
-use super::{Cmd, Migration, Role, Status, outcome_name};
+use super::{Cmd, Migration, MigrationPhase, Role, Status, outcome_name};
 use crate::daemon::Shared;
 use crate::transport::{Connection, Endpoint};
 use anyhow::Result;
@@ -136,7 +136,7 @@ async fn serve(conn: Connection, shared: Shared) -> Result<()> {
                 Role::Destination,
                 peer.clone(),
             )));
-            s.lock().expect("status lock").phase = "receiving";
+            s.lock().expect("status lock").phase = MigrationPhase::Receiving;
             let mut st = shared.lock().expect("state lock");
             st.arriving(&disk, geometry);
             st.migrations.insert(
@@ -156,9 +156,9 @@ async fn serve(conn: Connection, shared: Shared) -> Result<()> {
             let mut s = s.lock().expect("status lock");
             s.stats = session.stats();
             s.phase = match session.state() {
-                State::Incomplete if owns => "post-copy",
-                _ if owns => "owner",
-                _ => "receiving",
+                State::Incomplete if owns => MigrationPhase::PostCopy,
+                _ if owns => MigrationPhase::Owner,
+                _ => MigrationPhase::Receiving,
             };
         }
         // A post-copy destination waits on the source for the rest of the bitmap.
@@ -210,14 +210,14 @@ async fn serve(conn: Connection, shared: Shared) -> Result<()> {
             Outcome::Migrated { epoch, root } => {
                 s.epoch = Some(epoch);
                 s.root = Some(root.to_hex());
-                "completed"
+                MigrationPhase::Completed
             }
             Outcome::DestOwnsIncomplete { epoch } => {
                 s.epoch = Some(epoch);
-                "incomplete"
+                MigrationPhase::Incomplete
             }
-            _ if s.error.is_some() => "failed",
-            _ => "aborted",
+            _ if s.error.is_some() => MigrationPhase::Failed,
+            _ => MigrationPhase::Aborted,
         };
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), w.finish()).await;

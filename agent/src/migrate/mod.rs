@@ -5,9 +5,12 @@
 //! One migration per disk at a time. Its handle ([`Migration`]) lives in the agent state so the
 //! control socket can route marks, switchover and abort to it and report its status.
 
+pub use phase::MigrationPhase;
+
 pub mod bench;
 pub mod dest;
 pub mod io;
+pub mod phase;
 pub mod source;
 
 use serde_json::{Value, json};
@@ -49,8 +52,8 @@ pub struct Status {
     pub role: Role,
     /// The peer (certificate name, or address until known).
     pub peer: String,
-    /// Human-readable phase.
-    pub phase: &'static str,
+    /// Where the task is.
+    pub phase: MigrationPhase,
     /// When the migration started.
     pub started: Instant,
     /// Seconds it took, once finished.
@@ -88,7 +91,7 @@ impl Status {
             disk,
             role,
             peer,
-            phase: "connecting",
+            phase: MigrationPhase::Connecting,
             started: Instant::now(),
             seconds: None,
             stats: Stats::default(),
@@ -110,7 +113,7 @@ impl Status {
             "disk": self.disk,
             "role": match self.role { Role::Source => "source", Role::Destination => "destination" },
             "peer": self.peer,
-            "phase": self.phase,
+            "phase": self.phase.as_str(),
             "finished": self.finished,
             "converged": self.converged,
             "rounds": self.stats.rounds,

@@ -9,7 +9,7 @@
 //!   back to `recording`.
 
 use super::io::{NetEvent, send, spawn_reader};
-use super::{Cmd, Migration, Role, Status, outcome_name};
+use super::{Cmd, Migration, MigrationPhase, Role, Status, outcome_name};
 use crate::daemon::Shared;
 use crate::transport::Endpoint;
 use anyhow::{Context, Result, bail};
@@ -88,7 +88,7 @@ pub fn start(
         let mut s = status.lock().expect("status lock");
         if let Err(e) = r {
             s.error.get_or_insert_with(|| format!("{e:#}"));
-            s.phase = "failed";
+            s.phase = MigrationPhase::Failed;
             tracing::warn!(disk = %s.disk, error = %format!("{e:#}"), "migration failed");
         }
         s.finished = true;
@@ -160,7 +160,7 @@ impl Task {
         };
         self.set(|s| {
             s.peer = conn.peer_name().to_string();
-            s.phase = "negotiating";
+            s.phase = MigrationPhase::Negotiating;
         });
         let (mut w, r) = conn.open_stream().await?.split();
         let silence = w.limits().switchover_silence;
@@ -214,9 +214,9 @@ impl Task {
                                 switched = true;
                                 self.set(|s| {
                                     s.phase = if postcopy {
-                                        "post-copy"
+                                        MigrationPhase::PostCopy
                                     } else {
-                                        "switching over"
+                                        MigrationPhase::SwitchingOver
                                     }
                                 });
                                 session.handed_over_durably()?;
@@ -302,11 +302,11 @@ impl Task {
         let stats = session.stats();
         self.set(|s| {
             s.stats = stats;
-            if !switched && s.phase != "failed" {
+            if !switched && s.phase != MigrationPhase::Failed {
                 s.phase = match session.phase() {
-                    SourcePhase::Hello | SourcePhase::Offered => "negotiating",
-                    _ if stats.rounds == 0 => "bulk",
-                    _ => "pre-copy",
+                    SourcePhase::Hello | SourcePhase::Offered => MigrationPhase::Negotiating,
+                    _ if stats.rounds == 0 => MigrationPhase::Bulk,
+                    _ => MigrationPhase::PreCopy,
                 };
             }
             s.converged = !switched
@@ -440,20 +440,20 @@ impl Task {
                 Outcome::Migrated { epoch, root } => {
                     s.epoch = Some(epoch);
                     s.root = Some(root.to_hex());
-                    s.phase = "completed";
+                    s.phase = MigrationPhase::Completed;
                 }
                 Outcome::SourceKeeps => {
                     s.phase = if s.error.is_some() {
-                        "failed"
+                        MigrationPhase::Failed
                     } else {
-                        "aborted"
+                        MigrationPhase::Aborted
                     }
                 }
                 _ => {
                     s.phase = if s.error.is_some() {
-                        "failed"
+                        MigrationPhase::Failed
                     } else {
-                        "handed over"
+                        MigrationPhase::HandedOver
                     }
                 }
             }
